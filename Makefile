@@ -1,0 +1,27 @@
+# Every install step lives here so that a clean clone needs nothing but python3 (3.11+) and make.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test benchmark clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the CPU build; the project's own range (<3) then installs nothing more.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pipeline demo-data workflows/demo-data
+	$(BIN)/pipeline run workflows/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+benchmark: $(STAMP)
+	$(BIN)/python -m pytest -m slow benchmarks
+
+clean:
+	rm -rf $(VENV) workflows/demo-data workflows/out

@@ -1,0 +1,3 @@
+"""Segment gigapixel images with mirrored overlap-tile inference on Dask."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,53 @@
+"""Errors a user can act on.
+
+Every :class:`PipelineError` says where the problem is (file, field), what was expected
+and what arrived. The CLI prints its message and exits non-zero without a traceback;
+anything else that escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class of errors caused by user input or the environment, not by a bug."""
+
+    exit_code = 2
+
+
+class WorkflowError(PipelineError):
+    """The workflow file is unreadable, malformed or inconsistent."""
+
+
+class InputImageError(PipelineError):
+    """An input image (or ground truth) cannot be opened or does not fit the workflow."""
+
+
+class ModelError(PipelineError):
+    """The model cannot be built or loaded, or disagrees with the workflow."""
+
+
+class TilingError(PipelineError):
+    """No legal tiling exists for the requested tile size and the model's size rules."""
+
+
+class OutputExistsError(PipelineError):
+    """The output already exists and the workflow does not allow overwriting it."""
+
+
+class OutputIncompleteError(PipelineError):
+    """An output volume was opened for reading but its run never finished."""
+
+
+class EvaluationError(PipelineError):
+    """Ground truth and prediction cannot be compared (shape, class ids)."""
+
+
+class ExecutionError(PipelineError):
+    """A block failed on a worker; names the block and the cause."""
+
+    exit_code = 1
+
+
+def field_error(source: str, field: str, expected: str, got: object) -> str:
+    """Format the standard message: ``source: field: expected X, got Y``."""
+    return f"{source}: {field}: expected {expected}, got {got!r}"

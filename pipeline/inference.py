@@ -1,0 +1,157 @@
+"""Predict one block: read box -> mirror -> normalise -> batch -> forward -> crop -> argmax.
+
+:func:`predict_block` is the split/infer/merge core on in-memory arrays (used directly by
+tests against whole-image inference); :func:`run_block` is the Dask task around it: it
+opens the image and the model once per worker process, reads the block's own read box
+from the source, and writes the block's labels as whole zarr chunks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ModelConfig, NormalizeConfig
+from .io.images import ImageSpec, open_image
+from .io.labels import write_block
+from .models.loading import LoadedModel, load_model
+from .tiling import Block, TilePlan
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    """Everything a block task needs; small and picklable, shared by all tasks."""
+
+    image: ImageSpec
+    model: ModelConfig
+    plan: TilePlan
+    output_path: str
+    run_id: str
+    label_dtype: str
+    device: str = "auto"
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    index: tuple[int, ...]
+    pixels: int
+    tiles: int
+    seconds: float
+
+
+def run_block(index: tuple[int, ...], spec: InferenceSpec) -> BlockResult:
+    """The Dask task for one output block. Idempotent: a rerun writes the same chunk."""
+    start = time.perf_counter()
+    block = spec.plan.block(index)
+    model = cached_model(spec.model, spec.device, spec.torch_threads)
+    image = open_image(spec.image)
+    raw = image.read_box(block.read, spec.plan.mirror)
+    x = normalise(raw, spec.model.normalize)
+    labels = predict_block(x, block, spec.plan, model.module, output="labels")
+    write_block(spec.output_path, spec.run_id, block.write, labels.astype(spec.label_dtype))
+    return BlockResult(block.index, block.write.size, len(block.tiles), time.perf_counter() - start)
+
+
+def normalise(x: np.ndarray, cfg: NormalizeConfig) -> np.ndarray:
+    """``(x - mean) / std`` in float32, per channel (axis 0) when lists are given.
+
+    Statistics are fixed for the whole image: per-tile normalisation would make seams.
+    """
+    channels = x.shape[0]
+    mean = _per_channel(cfg.mean, channels, x.ndim)
+    std = _per_channel(cfg.std, channels, x.ndim)
+    out = x.astype(np.float32, copy=True)
+    out -= mean
+    out /= std
+    return out
+
+
+def _per_channel(value: float | tuple[float, ...], channels: int, ndim: int) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float32)
+    if arr.ndim == 0:
+        return arr
+    if arr.shape[0] != channels:
+        raise ValueError(f"{arr.shape[0]} normalisation values for {channels} channels")
+    return arr.reshape((channels,) + (1,) * (ndim - 1))
+
+
+def predict_block(
+    x: np.ndarray,
+    block: Block,
+    plan: TilePlan,
+    module: nn.Module,
+    output: Literal["labels", "logits"] = "labels",
+) -> np.ndarray:
+    """Predict ``block.write`` from ``x``, the normalised ``(C, *block.read.shape)`` input.
+
+    Tiles of equal read shape go through the network together, one batch each. Each tile's
+    output is cropped to its write box (clipped to the image): stitching is cropping.
+    Returns labels ``(*block.write.shape)`` or logits ``(K, *block.write.shape)``.
+    """
+    device = next(_parameters_or_buffers(module)).device
+    trim = plan.geometry.trim
+    result: np.ndarray | None = None
+    groups: dict[tuple[int, ...], list] = defaultdict(list)
+    for tile in block.tiles:
+        groups[tile.read.shape].append(tile)
+    for tiles in groups.values():
+        batch = np.stack(
+            [x[(slice(None),) + t.read.relative_to(block.read.offset).slices()] for t in tiles]
+        )
+        with torch.inference_mode():
+            logits = module(torch.from_numpy(batch).to(device))
+            for tile, tile_logits in zip(tiles, logits):
+                keep = tile.write.intersect(block.write)
+                if keep.empty:
+                    continue
+                out_origin = tuple(o + trim for o in tile.read.offset)
+                crop = (slice(None),) + keep.relative_to(out_origin).slices()
+                piece = tile_logits[crop]
+                piece = piece.argmax(dim=0) if output == "labels" else piece.float()
+                piece_np = piece.cpu().numpy()
+                if result is None:
+                    lead = piece_np.shape[:-block.write.ndim]
+                    result = np.zeros(lead + block.write.shape, dtype=piece_np.dtype)
+                dest = keep.relative_to(block.write.offset).slices()
+                result[(Ellipsis,) + dest] = piece_np
+    if result is None:
+        raise ValueError(f"block {block.index} has no tiles inside the image")
+    return result
+
+
+def _parameters_or_buffers(module: nn.Module):
+    yield from module.parameters()
+    yield from module.buffers()
+    yield torch.empty(0)  # a parameter-free module runs on the CPU
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+_MODEL_LOCK = threading.Lock()
+_MODELS: dict[tuple, LoadedModel] = {}
+
+
+def cached_model(cfg: ModelConfig, device: str, torch_threads: int | None) -> LoadedModel:
+    """Load the model once per worker process (threads share it; eval mode, no grad)."""
+    mtime = Path(cfg.path).stat().st_mtime if cfg.path else None
+    key = (cfg, device, mtime)
+    with _MODEL_LOCK:
+        if key not in _MODELS:
+            if torch_threads:
+                torch.set_num_threads(torch_threads)
+            _MODELS.clear()  # one model per worker process at a time
+            _MODELS[key] = load_model(cfg, resolve_device(device), with_digest=False)
+        return _MODELS[key]

@@ -1,0 +1,1 @@
+"""Networks (built-in U-Net and dilated context network) and model loading."""

@@ -1,0 +1,265 @@
+"""Plan the mirrored overlap-tile grid: write boxes, read boxes, blocks (pure).
+
+One network tile, along one axis (``c`` = context actually used, ``>=`` the model's halo;
+``t`` = the network's own trim, 0 for padded convolutions)::
+
+        read box  |<- c ->|<------- write box T ------->|<- c ->|
+                  ^ read origin = write origin - c
+        output            |<-c-t->|  write box  |<-c-t->|        network output = S - 2t
+                  the write box is cropped out of the output: stitching is cropping
+
+* Write boxes of all tiles partition the image: every output pixel has one owner.
+* Tile write origins are multiples of ``T``, a multiple of the network's shift period
+  (total stride), so every tile sees the pooling grid in the same phase as whole-image
+  inference does, and of its input size step, so ``S = T + 2c`` is a legal input size.
+* The last tile along an axis is shrunk to the smallest legal size that still covers the
+  image: same phase, same result, less wasted compute on mirrored pixels.
+* A block is ``rows x cols`` tiles: one Dask task, one batch per forward pass, one zarr
+  chunk. Its read box is the union of its tiles' read boxes and is read once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+from .errors import TilingError
+from .geometry import Box
+from .mirror import MirrorMode
+
+AUTO_TILE_START = 2048
+
+
+@dataclass(frozen=True)
+class NetworkGeometry:
+    """What the tiler must know of a network (the same along every spatial axis).
+
+    Legal input sizes are ``size_min + n * size_step`` (bioimage.io's parametrized shape);
+    the output has ``input - 2 * trim`` pixels; an output pixel depends on input pixels at
+    most ``halo`` away; shifting the input by a multiple of ``shift_period`` shifts the
+    output by the same amount.
+    """
+
+    halo: int
+    trim: int = 0
+    shift_period: int = 1
+    size_min: int = 1
+    size_step: int = 1
+    name: str = "network"
+
+    def __post_init__(self) -> None:
+        if self.halo < self.trim:
+            raise ValueError(f"halo {self.halo} smaller than trim {self.trim}")
+        if min(self.shift_period, self.size_step, self.size_min) < 1 or self.trim < 0:
+            raise ValueError(f"invalid network geometry {self}")
+
+    @property
+    def tile_multiple(self) -> int:
+        """Tile sizes (and so tile origins) must be multiples of this."""
+        return math.lcm(self.shift_period, self.size_step)
+
+    def is_legal_input(self, size: int) -> bool:
+        return size >= self.size_min and (size - self.size_min) % self.size_step == 0
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One network input: ``write`` is the full tile (may reach past the image)."""
+
+    write: Box
+    read: Box
+
+
+@dataclass(frozen=True)
+class Block:
+    """One task: ``write`` is the block's output region clipped to the image."""
+
+    index: tuple[int, ...]
+    write: Box
+    read: Box
+    tiles: tuple[Tile, ...]
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    image_shape: tuple[int, ...]
+    tile: tuple[int, ...]
+    context: int
+    block_tiles: tuple[int, ...]
+    geometry: NetworkGeometry
+    mirror: MirrorMode
+
+    @property
+    def ndim(self) -> int:
+        return len(self.image_shape)
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return tuple(t * b for t, b in zip(self.tile, self.block_tiles))
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """Number of blocks along each axis."""
+        return tuple(-(-n // b) for n, b in zip(self.image_shape, self.block_shape))
+
+    @property
+    def n_blocks(self) -> int:
+        return math.prod(self.grid)
+
+    @cached_property
+    def tile_extents(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Per axis, ``(start, size)`` of each tile: full tiles, then a shrunk last one."""
+        return tuple(
+            _axis_tiles(n, t, self.context, self.geometry)
+            for n, t in zip(self.image_shape, self.tile)
+        )
+
+    @property
+    def n_tiles(self) -> int:
+        return math.prod(len(e) for e in self.tile_extents)
+
+    def blocks(self) -> list[Block]:
+        return [self.block(index) for index in itertools.product(*map(range, self.grid))]
+
+    def block(self, index: tuple[int, ...]) -> Block:
+        per_axis = []
+        for axis, i in enumerate(index):
+            first = i * self.block_tiles[axis]
+            per_axis.append(self.tile_extents[axis][first : first + self.block_tiles[axis]])
+        tiles = []
+        for combo in itertools.product(*per_axis):
+            write = Box(tuple(s for s, _ in combo), tuple(n for _, n in combo))
+            tiles.append(Tile(write=write, read=write.grow(self.context)))
+        origin = tuple(i * b for i, b in zip(index, self.block_shape))
+        write = Box(origin, self.block_shape).clip(self.image_shape)
+        read = _bounding_box([t.read for t in tiles])
+        return Block(index=tuple(index), write=write, read=read, tiles=tuple(tiles))
+
+    @property
+    def read_shape(self) -> tuple[int, ...]:
+        """Input shape of a full network tile."""
+        return tuple(t + 2 * self.context for t in self.tile)
+
+    @property
+    def max_block_read_shape(self) -> tuple[int, ...]:
+        return tuple(b + 2 * self.context for b in self.block_shape)
+
+
+def plan_tiles(
+    image_shape: tuple[int, ...],
+    geometry: NetworkGeometry,
+    *,
+    tile: int | None,
+    mirror: MirrorMode,
+    batch_size: int = 1,
+    halo: int | None = None,
+    bytes_per_read_pixel: float = 0.0,
+    memory_budget: int = 2 << 30,
+) -> TilePlan:
+    """Choose tile, context and blocks for an image; explain in a TilingError when impossible.
+
+    ``tile=None`` chooses automatically: the largest legal tile up to 2048 whose batch of
+    read boxes fits ``memory_budget`` at ``bytes_per_read_pixel``. ``halo`` overrides the
+    network's own halo (it may only add context, never remove it).
+    """
+    if any(n < 1 for n in image_shape):
+        raise TilingError(f"image shape {image_shape}: every axis needs at least one pixel")
+    needed = geometry.halo
+    if halo is not None:
+        if halo < geometry.halo:
+            raise TilingError(
+                f"model.halo: {halo} px is smaller than the receptive-field radius of the "
+                f"{geometry.name} ({geometry.halo} px): tiles would show seams; "
+                f"use halo: auto or at least {geometry.halo}"
+            )
+        needed = halo
+    m = geometry.tile_multiple
+    if tile is None:
+        chosen = _auto_tile(geometry, needed, batch_size, bytes_per_read_pixel, memory_budget)
+    else:
+        if tile < 1 or tile % m:
+            lower, upper = (tile // m) * m, (tile // m + 1) * m
+            legal = ", ".join(str(v) for v in (lower, upper) if v > 0)
+            raise TilingError(
+                f"tiling.tile: {tile} is not a legal tile size for the {geometry.name}: tiles "
+                f"must be multiples of {m} (its shift period {geometry.shift_period} and input "
+                f"size step {geometry.size_step}); nearest legal sizes: {legal}"
+            )
+        chosen = tile
+    if halo is not None and halo > chosen:
+        raise TilingError(
+            f"model.halo: {halo} px is larger than allowed: at most the tile size ({chosen} px), "
+            f"beyond which a tile's context costs more than 8x its own pixels; "
+            f"raise tiling.tile or lower model.halo (the network needs {geometry.halo})"
+        )
+    context = _context_for(chosen, needed, geometry)
+    tile_shape = tuple(min(chosen, _round_up(n, m)) for n in image_shape)
+    return TilePlan(
+        image_shape=tuple(image_shape),
+        tile=tile_shape,
+        context=context,
+        block_tiles=_block_arrangement(batch_size, len(image_shape)),
+        geometry=geometry,
+        mirror=mirror,
+    )
+
+
+def _context_for(tile: int, needed: int, geometry: NetworkGeometry) -> int:
+    """Smallest context ``>= needed`` making ``tile + 2 * context`` a legal input size."""
+    for c in range(needed, needed + geometry.size_step + 1):
+        if geometry.is_legal_input(tile + 2 * c):
+            return c
+    raise TilingError(
+        f"tiling.tile: no context of at least {needed} px makes a tile of {tile} px a legal input "
+        f"for the {geometry.name} (legal sizes: {geometry.size_min} + n * {geometry.size_step})"
+    )
+
+
+def _auto_tile(
+    geometry: NetworkGeometry, needed: int, batch: int, bytes_per_px: float, budget: int
+) -> int:
+    m = geometry.tile_multiple
+    t = max(m, (AUTO_TILE_START // m) * m)
+    while t > m:
+        c = _context_for(t, needed, geometry)
+        if batch * (t + 2 * c) ** 2 * bytes_per_px <= budget:
+            break
+        t = max(m, ((t // 2) // m) * m)
+    return t
+
+
+def _axis_tiles(
+    n: int, tile: int, context: int, geometry: NetworkGeometry
+) -> tuple[tuple[int, int], ...]:
+    m = geometry.tile_multiple
+    extents = []
+    start = 0
+    while start < n:
+        size = min(tile, _round_up(n - start, m))
+        while not geometry.is_legal_input(size + 2 * context):
+            size += m  # only below size_min; terminates because tile itself is legal
+        extents.append((start, size))
+        start += tile
+    return tuple(extents)
+
+
+def _block_arrangement(batch_size: int, ndim: int) -> tuple[int, ...]:
+    """Most nearly square ``rows x cols`` arrangement of ``batch_size`` tiles."""
+    if batch_size < 1:
+        raise TilingError(f"inference.batch_size: expected an integer >= 1, got {batch_size}")
+    if ndim != 2:
+        return (1,) * (ndim - 1) + (batch_size,)
+    rows = max(r for r in range(1, math.isqrt(batch_size) + 1) if batch_size % r == 0)
+    return (rows, batch_size // rows)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _bounding_box(boxes: list[Box]) -> Box:
+    start = tuple(min(b.offset[a] for b in boxes) for a in range(boxes[0].ndim))
+    stop = tuple(max(b.stop[a] for b in boxes) for a in range(boxes[0].ndim))
+    return Box.from_bounds(start, stop)
