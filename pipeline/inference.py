@@ -22,6 +22,7 @@ from torch import nn
 from .config import ModelConfig, NormalizeConfig
 from .io.images import ImageSpec, open_image
 from .io.labels import write_block
+from .mirror import read_mirrored
 from .models.loading import LoadedModel, load_model
 from .tiling import Block, TilePlan
 
@@ -155,3 +156,31 @@ def cached_model(cfg: ModelConfig, device: str, torch_threads: int | None) -> Lo
             _MODELS.clear()  # one model per worker process at a time
             _MODELS[key] = load_model(cfg, resolve_device(device), with_digest=False)
         return _MODELS[key]
+
+
+def predict_image(
+    image: np.ndarray,
+    module: nn.Module,
+    plan: TilePlan,
+    normalize: NormalizeConfig | None = None,
+    output: Literal["labels", "logits"] = "labels",
+) -> np.ndarray:
+    """Tiled prediction of an in-memory ``(C, *spatial)`` image, block by block.
+
+    The same split/infer/merge as a run, without Dask or zarr: for small images, notebooks
+    and as the reference that the distributed path is tested against.
+    """
+    if image.shape[1:] != plan.image_shape:
+        raise ValueError(f"image of shape {image.shape} for a plan of {plan.image_shape}")
+    result: np.ndarray | None = None
+    for block in plan.blocks():
+        raw = read_mirrored(
+            lambda s: image[(slice(None),) + s], block.read, plan.image_shape, plan.mirror
+        )
+        x = normalise(raw, normalize or NormalizeConfig())
+        piece = predict_block(x, block, plan, module, output)
+        if result is None:
+            lead = piece.shape[: piece.ndim - len(plan.image_shape)]
+            result = np.zeros(lead + plan.image_shape, piece.dtype)
+        result[(Ellipsis,) + block.write.slices()] = piece
+    return result  # type: ignore[return-value]  # a plan has at least one block

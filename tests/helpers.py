@@ -1,0 +1,73 @@
+"""Test helpers: real data paths, fake networks with known outputs, workflow files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from pipeline.tiling import NetworkGeometry
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data; skips when absent, except in CI where it must exist."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        if os.environ.get("CI") == "true":
+            raise FileNotFoundError(f"CI=true but the shared data is missing: {path}")
+        pytest.skip(f"shared data not present: {path}")
+    return path
+
+
+class BoxFilterNet(nn.Module):
+    """A fake network with a known output: integer-weighted box sums of radius ``r``.
+
+    ``logit_k = sum_c weight[k, c] * box_r(x_c)``, computed exactly in float64 (prefix
+    sums of integers), zero-padded (``same``) or unpadded (``valid``). Its halo is ``r``.
+    """
+
+    def __init__(self, radius: int, weight: np.ndarray, padding: str = "same") -> None:
+        super().__init__()
+        self.r, self.padding = radius, padding
+        self.register_buffer("weight", torch.as_tensor(weight, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.r
+        x = x.double()
+        if self.padding == "same":
+            x = nn.functional.pad(x, (r, r, r, r))
+        c = nn.functional.pad(x.cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+        k = 2 * r + 1
+        box = c[..., k:, k:] - c[..., :-k, k:] - c[..., k:, :-k] + c[..., :-k, :-k]
+        return torch.einsum("kc,bchw->bkhw", self.weight, box)
+
+    def geometry(self) -> NetworkGeometry:
+        trim = self.r if self.padding == "valid" else 0
+        return NetworkGeometry(halo=self.r, trim=trim, size_min=2 * trim + 1, name="box filter")
+
+
+def box_filter_reference(image: np.ndarray, radius: int, weight: np.ndarray, mode: str) -> np.ndarray:
+    """NumPy whole-image result on the mirror-padded image: int64, no torch involved."""
+    padded = np.pad(image.astype(np.int64), ((0, 0), (radius, radius), (radius, radius)), mode=mode)
+    k = 2 * radius + 1
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (k, k), axis=(1, 2))
+    box = windows.sum(axis=(-1, -2))
+    return np.einsum("kc,chw->khw", weight.astype(np.int64), box)
+
+
+def write_workflow(path: Path, **sections: dict) -> Path:
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
