@@ -258,6 +258,11 @@ def format_error(source: object, err: dict[str, Any]) -> str:
         allowed = ", ".join(_allowed_keys(err["loc"]))
         return f"{source}: {field}: unknown key; expected one of: {allowed}"
     if kind == "missing":
+        if field == "model.halo":
+            return (
+                f"{source}: model.halo: required for arch torchscript: the receptive field of "
+                f"a TorchScript model cannot be computed, so declare it in pixels"
+            )
         return f"{source}: {field}: required field is missing"
     if kind == "union_tag_invalid":
         return f"{source}: {field}.arch: expected one of {err['ctx']['expected_tags']}, got {got.get('arch')!r}"
@@ -268,7 +273,7 @@ def format_error(source: object, err: dict[str, Any]) -> str:
         if msg.startswith(prefix):
             msg = msg[len(prefix) :]
             break
-    msg = msg.replace("a valid ", "a ")
+    msg = msg.replace("a valid integer", "an integer").replace("a valid ", "a ")
     return f"{source}: {field}: expected {msg}, got {got!r}"
 
 

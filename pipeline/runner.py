@@ -274,11 +274,18 @@ def _predict_all(client: Any, spec: InferenceSpec, p: Prepared, err: TextIO) -> 
 def _block_failure(index: tuple[int, ...], plan: TilePlan, exc: BaseException, spec: InferenceSpec) -> PipelineError:
     box = plan.block(index).write
     where = ", ".join(f"{a}:{b}" for a, b in zip(box.offset, box.stop))
-    detail = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+    detail = str(exc) if isinstance(exc, PipelineError) else _one_line(exc)
     return ExecutionError(
         f"block {index} (pixels {where}) of {spec.image.path} failed: {detail}; "
         f"{spec.output_path} is left marked incomplete"
     )
+
+
+def _one_line(exc: BaseException) -> str:
+    """First and last line of an error (TorchScript and CUDA errors carry long traces)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [""]
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return f"{type(exc).__name__}: {text}"
 
 
 def _provenance(p: Prepared) -> dict[str, Any]:

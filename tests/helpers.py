@@ -71,3 +71,39 @@ def write_workflow(path: Path, **sections: dict) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def empirical_dependency(
+    net: nn.Module, size: int, out_index: int, in_channels: int = 1, trials: int = 2
+) -> tuple[int, int, int, int]:
+    """Rows and columns of the input that output pixel ``(out_index, out_index)`` depends on.
+
+    The gradient probe: the support of d(sum of logits at the pixel)/d(input), united over
+    random positive inputs. Call on a net whose weights are positive (so no ReLU is dead)
+    and whose max-pooling is replaced by average pooling of the same window (so every
+    element of a window passes gradient): both keep the architecture's geometry.
+    """
+    rows, cols = set(), set()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(trials):
+        x = torch.rand(1, in_channels, size, size, generator=gen, dtype=torch.float64)
+        x.requires_grad_(True)
+        y = net(x)
+        y[0, :, out_index, out_index].sum().backward()
+        support = (x.grad[0].abs().sum(0) > 0).nonzero()
+        rows.update(support[:, 0].tolist())
+        cols.update(support[:, 1].tolist())
+    return min(rows), max(rows), min(cols), max(cols)
+
+
+def make_probe_ready(net: nn.Module) -> nn.Module:
+    """Positive weights, average pooling, float64: see :func:`empirical_dependency`."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen) * 0.1 + 0.01)
+    for name, module in list(net.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.MaxPool2d):
+                setattr(module, child_name, nn.AvgPool2d(child.kernel_size, child.stride))
+    return net.double().eval()

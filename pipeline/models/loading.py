@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,10 @@ def _load_state_dict(module: nn.Module, cfg: UNetConfig | DilatedConfig) -> None
 def _load_torchscript(cfg: TorchScriptConfig, device: str) -> LoadedModel:
     path = _existing(cfg.path)
     try:
-        module = torch.jit.load(path, map_location=device)
+        with warnings.catch_warnings():
+            # TorchScript is deprecated upstream, but it is what the user chose to give us.
+            warnings.filterwarnings("ignore", message=".*is deprecated", category=DeprecationWarning)
+            module = torch.jit.load(path, map_location=device)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model.path: {path} is not a TorchScript file: {first}") from None
@@ -141,7 +145,7 @@ def _load_torchscript(cfg: TorchScriptConfig, device: str) -> LoadedModel:
 def _probe_trim(module: nn.Module, cfg: TorchScriptConfig, device: str) -> int:
     """One forward pass on a small legal input: output channels and the border trim."""
     size = cfg.size_min
-    while size < 2 * cfg.halo + 1:
+    while size < max(64, 2 * cfg.halo + 2 * cfg.shift_period + 1):
         size += cfg.size_step
     x = torch.zeros(1, cfg.in_channels, size, size, device=device)
     try:

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from pipeline.errors import InputImageError
+from pipeline.geometry import Box
+from pipeline.io.images import ImageSpec, open_image
+from tests.helpers import shared_data
+
+
+def _write(tmp_path, name, data, **kwargs):
+    path = tmp_path / name
+    tifffile.imwrite(path, data, **kwargs)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "layout", [dict(tile=(64, 64), compression="zlib"), dict(rowsperstrip=7), dict()]
+)
+def test_tiff_regions_read_lazily_equal_the_file(tmp_path, rng, layout) -> None:
+    data = rng.integers(0, 65535, (300, 257), dtype=np.uint16)
+    reader = open_image(ImageSpec(_write(tmp_path, "a.tif", data, **layout)))
+    assert reader.shape == (300, 257) and reader.channels == 1 and reader.dtype == np.uint16
+    np.testing.assert_array_equal(reader.read((slice(10, 200), slice(3, 250)))[0], data[10:200, 3:250])
+    padded = np.pad(data, 20, mode="symmetric")
+    got = reader.read_box(Box((-20, 230), (60, 47)), "symmetric")[0]
+    np.testing.assert_array_equal(got, padded[0:60, 250:297])
+
+
+def test_rgb_tiff_with_channel_axis(tmp_path, rng) -> None:
+    data = rng.integers(0, 255, (100, 120, 3), dtype=np.uint8)
+    path = _write(tmp_path, "rgb.tif", data, photometric="rgb", tile=(32, 32))
+    reader = open_image(ImageSpec(path, channel_axis=-1))
+    assert reader.shape == (100, 120) and reader.channels == 3
+    np.testing.assert_array_equal(reader.read((slice(5, 9), slice(0, 120))), np.moveaxis(data[5:9], -1, 0))
+
+
+def test_three_axes_without_channel_axis_suggests_one(tmp_path, rng) -> None:
+    path = _write(tmp_path, "rgb.tif", rng.integers(0, 255, (10, 12, 3), dtype=np.uint8), photometric="rgb")
+    with pytest.raises(InputImageError, match="set input.channel_axis: 2"):
+        open_image(ImageSpec(path))
+
+
+def test_zarr_array_and_ome_group(tmp_path, rng) -> None:
+    data = rng.random((2, 50, 60)).astype(np.float32)
+    zarr.create_array(str(tmp_path / "a.zarr"), data=data, chunks=(1, 16, 16))
+    reader = open_image(ImageSpec(str(tmp_path / "a.zarr"), channel_axis=0))
+    assert reader.shape == (50, 60) and reader.channels == 2 and reader.chunks == (16, 16)
+    np.testing.assert_array_equal(reader.read((slice(0, 50), slice(0, 60))), data)
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("s0", data=data[0], chunks=(16, 16))
+    group.attrs["ome"] = {"multiscales": [{"datasets": [{"path": "s0"}]}]}
+    np.testing.assert_array_equal(open_image(ImageSpec(str(tmp_path / "g.zarr"))).read((slice(0, 5), slice(0, 5)))[0], data[0, :5, :5])
+
+
+def test_errors_name_the_field_and_file(tmp_path) -> None:
+    with pytest.raises(InputImageError, match=r"input.path: file not found: .*missing.tif"):
+        open_image(ImageSpec(str(tmp_path / "missing.tif")))
+    (tmp_path / "bad.tif").write_bytes(b"this is not a tiff")
+    with pytest.raises(InputImageError, match=r"input.path: .*bad.tif is not a readable TIFF"):
+        open_image(ImageSpec(str(tmp_path / "bad.tif")))
+    (tmp_path / "x.png").write_bytes(b"png")
+    with pytest.raises(InputImageError, match="unsupported image format '.png'"):
+        open_image(ImageSpec(str(tmp_path / "x.png")))
+
+
+def test_real_geotiff_reads_like_tifffile() -> None:
+    path = shared_data("aerial", "spacenet_geotiff_samples", "sample_geotiff.tif")
+    reader = open_image(ImageSpec(str(path)))
+    whole = tifffile.imread(path)
+    assert reader.shape == whole.shape == (900, 900)
+    np.testing.assert_array_equal(reader.read((slice(100, 400), slice(850, 900)))[0], whole[100:400, 850:900])

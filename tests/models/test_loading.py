@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import DilatedConfig, TorchScriptConfig, UNetConfig
+from pipeline.errors import ModelError
+from pipeline.models.loading import build_module, load_model
+from tests.helpers import BoxFilterNet
+
+
+def _logits(module, x):
+    with torch.inference_mode():
+        return module(x)
+
+
+def test_untrained_builtin_is_fixed_by_its_seed() -> None:
+    cfg = UNetConfig(arch="unet", num_classes=2, depth=2, width=4, seed=3)
+    a, b = load_model(cfg), load_model(cfg)
+    x = torch.rand(1, 1, 32, 32)
+    assert torch.equal(_logits(a.module, x), _logits(b.module, x))
+    assert a.untrained and a.identity["weights"] == {"untrained": True, "seed": 3}
+    other = load_model(cfg.model_copy(update={"seed": 4}))
+    assert not torch.equal(_logits(other.module, x), _logits(a.module, x))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        UNetConfig(arch="unet", num_classes=3, depth=2, width=4, batch_norm=True),
+        DilatedConfig(arch="dilated", num_classes=3, in_channels=2, front_width=4, context="large"),
+    ],
+)
+def test_state_dict_round_trip_gives_the_eager_logits(tmp_path, cfg) -> None:
+    torch.manual_seed(5)
+    eager = build_module(cfg).eval()
+    path = tmp_path / "weights.pt"
+    torch.save(eager.state_dict(), path)
+    loaded = load_model(cfg.model_copy(update={"path": str(path)}))
+    x = torch.rand(2, cfg.in_channels, 48, 40)
+    assert torch.equal(_logits(loaded.module, x), _logits(eager, x))
+    assert not loaded.untrained
+    assert len(loaded.identity["weights"]["sha256"]) == 64
+
+
+def test_pickled_objects_are_refused(tmp_path) -> None:
+    cfg = UNetConfig(arch="unet", num_classes=2, depth=2, width=4)
+    path = tmp_path / "whole_model.pt"
+    torch.save(build_module(cfg), path)  # a pickled module, not a state dict
+    with pytest.raises(ModelError, match="not a plain state dict"):
+        load_model(cfg.model_copy(update={"path": str(path)}))
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path) -> None:
+    small = UNetConfig(arch="unet", num_classes=2, depth=2, width=4)
+    path = tmp_path / "w.pt"
+    torch.save(build_module(small).state_dict(), path)
+    with pytest.raises(ModelError, match=r"does not fit arch unet .*depth"):
+        load_model(small.model_copy(update={"path": str(path), "depth": 3}))
+
+
+def test_missing_weights_file(tmp_path) -> None:
+    cfg = UNetConfig(arch="unet", num_classes=2, path=str(tmp_path / "nope.pt"))
+    with pytest.raises(ModelError, match="model.path: file not found"):
+        load_model(cfg)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_torchscript_round_trip_measures_the_trim(tmp_path, padding) -> None:
+    net = BoxFilterNet(3, np.array([[1, 0], [0, 1], [1, -1]]), padding)
+    path = tmp_path / "box.pt"
+    torch.jit.save(torch.jit.script(net), path)
+    cfg = TorchScriptConfig(arch="torchscript", path=str(path), num_classes=3, in_channels=2, halo=3)
+    loaded = load_model(cfg)
+    assert loaded.geometry.trim == (3 if padding == "valid" else 0)
+    assert loaded.geometry.halo == 3
+    x = torch.randint(0, 9, (1, 2, 30, 31)).float()
+    assert torch.equal(_logits(loaded.module, x), _logits(net, x))
+
+
+def test_torchscript_class_count_is_checked(tmp_path) -> None:
+    path = tmp_path / "box.pt"
+    torch.jit.save(torch.jit.script(BoxFilterNet(1, np.ones((2, 1)))), path)
+    cfg = TorchScriptConfig(arch="torchscript", path=str(path), num_classes=5, halo=1)
+    with pytest.raises(ModelError, match="model.num_classes: 5, but .* outputs 2 channels"):
+        load_model(cfg)
+
+
+def test_torchscript_halo_below_its_own_trim_is_refused(tmp_path) -> None:
+    path = tmp_path / "box.pt"
+    torch.jit.save(torch.jit.script(BoxFilterNet(4, np.ones((2, 1)), "valid")), path)
+    cfg = TorchScriptConfig(arch="torchscript", path=str(path), num_classes=2, halo=2)
+    with pytest.raises(ModelError, match="model.halo: 2 px is smaller than the 4 px"):
+        load_model(cfg)
+
+
+def test_not_a_torchscript_file(tmp_path) -> None:
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"not a zip archive")
+    cfg = TorchScriptConfig(arch="torchscript", path=str(path), num_classes=2, halo=2)
+    with pytest.raises(ModelError, match="is not a TorchScript file"):
+        load_model(cfg)

@@ -1,0 +1,135 @@
+"""The command line on real files: the demo workflow, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+import zarr
+
+from pipeline.cli import main
+from tests.helpers import REPO
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """workflows/demo.yaml, unchanged, beside demo data generated at 2048 x 2048."""
+    folder = tmp_path_factory.mktemp("demo")
+    shutil.copy(REPO / "workflows" / "demo.yaml", folder / "demo.yaml")
+    assert main(["demo-data", str(folder / "demo-data"), "--size", "2048"]) == 0
+    return folder / "demo.yaml"
+
+
+def test_demo_validate_plan_run(demo, capsys) -> None:
+    assert main(["validate", str(demo)]) == 0
+    assert "valid" in capsys.readouterr().out
+
+    assert main(["plan", str(demo)]) == 0
+    plan = capsys.readouterr().out
+    for expected in ("2048 x 2048 px", "halo 107 px", "read box 1248 x 1248", "2 x 2 = 4 blocks", "memory", "mirrored (reflect)"):
+        assert expected in plan, expected
+
+    assert main(["run", str(demo)]) == 0
+    captured = capsys.readouterr()
+    assert "blocks 4/4 (tiles 4/4) 100%" in captured.err and "MPx/s" in captured.err
+    out_path = demo.parent / "out" / "demo.zarr"
+    report_path = demo.parent / "out" / "demo.evaluation.json"
+    assert str(out_path) in captured.out and str(report_path) in captured.out
+    assert "mIoU" in captured.out and "untrained model" in captured.out
+
+    group = zarr.open_group(str(out_path), mode="r")
+    assert group.attrs["pipeline"]["status"] == "complete"
+    assert group.attrs["pipeline"]["model"]["weights"] == {"untrained": True, "seed": 0}
+    assert group.attrs["pipeline"]["workflow"]["model"]["arch"] == "unet"
+    labels = group["0"][:]
+    assert labels.shape == (2048, 2048) and labels.dtype == np.uint8
+    report = json.loads(report_path.read_text())
+    truth = tifffile.imread(demo.parent / "demo-data" / "labels.tif")
+    assert report["pixel_accuracy"] == pytest.approx((labels == truth).mean(), abs=1e-12)
+    assert "untrained" in report["note"]
+
+
+@pytest.fixture
+def small(tmp_path) -> dict:
+    """A valid small workflow (as a dict) with its image and ground truth on disk."""
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tmp_path / "img.tif", rng.integers(0, 255, (96, 80), dtype=np.uint8), tile=(32, 32))
+    tifffile.imwrite(tmp_path / "gt.tif", rng.integers(0, 2, (96, 80), dtype=np.uint8))
+    return {
+        "input": {"path": "img.tif"},
+        "model": {"arch": "unet", "depth": 2, "width": 2, "num_classes": 2},
+        "tiling": {"tile": 32},
+        "output": {"path": "out/labels.zarr"},
+        "evaluation": {"ground_truth": "gt.tif"},
+        "cluster": {"n_workers": 1},
+    }
+
+
+def _write(tmp_path: Path, wf: dict) -> str:
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(wf))
+    return str(path)
+
+
+def _mutate(wf: dict, dotted: str, value) -> dict:
+    wf = json.loads(json.dumps(wf))
+    *parents, key = dotted.split(".")
+    node = wf
+    for p in parents:
+        node = node[p]
+    node[key] = value
+    return wf
+
+
+BAD_INPUTS = [
+    ("model.colour", "red", "model.colour: unknown key"),
+    ("tiling.tile", "big", "tiling.tile: expected an integer >= 1 or 'auto', got 'big'"),
+    ("input.path", "missing.tif", "input.path: file not found"),
+    ("model.halo", 500, "model.halo: 500 px is larger than allowed"),
+    ("model.halo", 5, "model.halo: 5 px is smaller than the receptive-field radius"),
+    ("model.in_channels", 3, "model.in_channels: 3, but"),
+    ("tiling.tile", 30, "tiling.tile: 30 is not a legal tile size"),
+    ("evaluation.ground_truth", "small_gt.tif", "evaluation.ground_truth: .*small_gt.tif has shape \\(50, 50\\)"),
+    ("model.path", "nope.pt", "model.path: file not found"),
+]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize(("field", "value", "message"), BAD_INPUTS, ids=[b[0] + "=" + str(b[1]) for b in BAD_INPUTS])
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, small, capsys, command, field, value, message) -> None:
+    tifffile.imwrite(tmp_path / "small_gt.tif", np.zeros((50, 50), np.uint8))
+    wf = _write(tmp_path, _mutate(small, field, value))
+    assert main([command, wf]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert str(tmp_path / "wf.yaml") in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_and_left_untouched(tmp_path, small, capsys) -> None:
+    wf = _write(tmp_path, small)
+    (tmp_path / "out" / "labels.zarr").mkdir(parents=True)
+    marker = tmp_path / "out" / "labels.zarr" / "mine.txt"
+    marker.write_text("keep me")
+    for command in ("validate", "run"):
+        assert main([command, wf]) == 2
+        assert "output.path: " in capsys.readouterr().err
+    assert marker.read_text() == "keep me"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["labels.zarr"]
+
+
+def test_python_dash_m_and_console_script_exit_codes(tmp_path, small) -> None:
+    wf = _write(tmp_path, _mutate(small, "model.depth", "deep"))
+    for argv in ([sys.executable, "-m", "pipeline"], [str(Path(sys.executable).parent / "pipeline")]):
+        proc = subprocess.run([*argv, "validate", wf], capture_output=True, text=True)
+        assert proc.returncode == 2
+        assert "model.depth: expected an integer" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,108 @@
+"""`pipeline run` end to end on a real local Dask cluster, TIFF in, zarr out."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from pipeline.config import parse_workflow
+from pipeline.errors import EvaluationError, ExecutionError
+from pipeline.io.labels import open_label_volume
+from pipeline.runner import run
+from tests.helpers import BoxFilterNet, box_filter_reference
+
+
+def _workflow(tmp_path, **overrides):
+    raw = {
+        "input": {"path": "img.tif", "channel_axis": 2},
+        "model": {
+            "arch": "torchscript",
+            "path": "box.pt",
+            "num_classes": 3,
+            "in_channels": 3,
+            "halo": 4,
+        },
+        "tiling": {"tile": 56, "mirror": "symmetric"},
+        "inference": {"batch_size": 3},
+        "output": {"path": "out/labels.zarr"},
+        "cluster": {"n_workers": 2, "threads_per_worker": 1},
+    }
+    for section, values in overrides.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return parse_workflow(raw, source=tmp_path / "wf.yaml")
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_distributed_run_equals_the_numpy_whole_image_result(tmp_path, padding, capsys) -> None:
+    """Exact seams through Dask workers, TIFF reads, batching and zarr chunk writes."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (203, 171, 3), dtype=np.uint8)  # channels last, RGB
+    tifffile.imwrite(tmp_path / "img.tif", image, photometric="rgb", tile=(48, 48))
+    weight = rng.integers(-2, 3, (3, 3))
+    torch.jit.save(torch.jit.script(BoxFilterNet(4, weight, padding)), tmp_path / "box.pt")
+    expected = box_filter_reference(np.moveaxis(image, -1, 0), 4, weight, "symmetric").argmax(0)
+    tifffile.imwrite(tmp_path / "gt.tif", expected.astype(np.uint8))
+
+    wf = _workflow(tmp_path, evaluation={"ground_truth": "gt.tif"})
+    result = run(wf)
+
+    labels = open_label_volume(result.output_path)
+    assert labels.chunks == (56, 168)  # a block of 1 x 3 tiles of 56: one batch of 3
+    np.testing.assert_array_equal(labels[:], expected)
+    report = json.loads(open(result.report_path).read())
+    assert report["mean_iou"] == 1.0 and report["pixel_accuracy"] == 1.0
+    assert report["pixels_evaluated"] == 203 * 171
+    assert "note" not in report  # a real model file: no untrained warning
+    assert report["model"]["weights"]["path"].endswith("box.pt")
+
+
+class FailOnMarker(torch.nn.Module):
+    """Raises inside the worker when its tile holds the marker value."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x > 1000).any()):
+            raise RuntimeError("corrupt tile")
+        return torch.cat([x, -x], dim=1)
+
+
+def test_a_failing_block_is_named_and_the_output_stays_incomplete(tmp_path) -> None:
+    image = np.zeros((100, 100), np.uint16)
+    image[90, 10] = 5000
+    tifffile.imwrite(tmp_path / "img.tif", image, tile=(32, 32))
+    torch.jit.save(torch.jit.script(FailOnMarker()), tmp_path / "box.pt")
+    wf = _workflow(
+        tmp_path,
+        input={"channel_axis": None},
+        model={"num_classes": 2, "in_channels": 1, "halo": 0},
+        tiling={"tile": 50},
+        inference={"batch_size": 1},
+    )
+    with pytest.raises(ExecutionError, match=r"block \(1, 0\) \(pixels 50:100, 0:50\) .*corrupt tile"):
+        run(wf)
+    group = zarr.open_group(str(tmp_path / "out" / "labels.zarr"), mode="r")
+    assert group.attrs["pipeline"]["status"] == "running"
+
+
+def test_ground_truth_with_unknown_classes_is_an_error_after_complete_labels(tmp_path) -> None:
+    image = np.zeros((60, 60), np.uint8)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    gt = np.zeros((60, 60), np.uint8)
+    gt[5, 7] = 7
+    tifffile.imwrite(tmp_path / "gt.tif", gt)
+    torch.jit.save(torch.jit.script(BoxFilterNet(1, np.array([[1], [-1]]))), tmp_path / "box.pt")
+    wf = _workflow(
+        tmp_path,
+        input={"channel_axis": None},
+        model={"num_classes": 2, "in_channels": 1, "halo": 1},
+        evaluation={"ground_truth": "gt.tif"},
+        cluster={"n_workers": 1},
+    )
+    with pytest.raises(EvaluationError, match=r"evaluation.ground_truth: .*gt.tif holds class ids 7 in the region 0:56, 0:60; expected 0..1"):
+        run(wf)
+    assert open_label_volume(str(tmp_path / "out" / "labels.zarr")).shape == (60, 60)
+    assert not (tmp_path / "out" / "labels.evaluation.json").exists()
