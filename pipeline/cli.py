@@ -37,6 +37,8 @@ def _validate(args: argparse.Namespace) -> int:
         f"{args.workflow}: valid: {prepared.image.shape} image, {prepared.model.geometry.name}, "
         f"{plan.n_tiles} tiles in {plan.n_blocks} blocks"
     )
+    for note in prepared.notes:
+        print(f"note: {note}")
     return 0
 
 

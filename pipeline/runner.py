@@ -31,6 +31,7 @@ from .report import UNTRAINED_NOTE, class_names, format_table, scores_to_dict, w
 from .tiling import TilePlan, plan_tiles
 
 MEMORY_BUDGET = 2 << 30  # per task, for tiling.tile: auto
+SEGMENT_NOTE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Prepared:
     plan: TilePlan
     cluster: ClusterShape
     truth: ImageReader | None
+    notes: tuple[str, ...] = ()
 
     @property
     def label_dtype(self) -> np.dtype:
@@ -118,7 +120,15 @@ def _prepare(wf: Workflow) -> Prepared:
                 f"ids, got dtype {truth.dtype}"
             )
     check_output_free(wf.output.path, wf.output.overwrite)
-    return Prepared(wf, image, model, plan, cluster_shape(wf.cluster), truth)
+    notes = []
+    segment = int(np.prod(image.chunks)) * image.channels * image.dtype.itemsize
+    if segment > SEGMENT_NOTE_BYTES:
+        notes.append(
+            f"{wf.input.path} is stored in compressed segments of {_bytes(segment)} "
+            f"({' x '.join(map(str, image.chunks))} px): every read decodes whole segments; "
+            f"a tiled TIFF (e.g. tifffile.imwrite(..., tile=(512, 512))) or zarr reads faster"
+        )
+    return Prepared(wf, image, model, plan, cluster_shape(wf.cluster), truth, tuple(notes))
 
 
 def describe_plan(p: Prepared) -> str:
@@ -158,6 +168,7 @@ def describe_plan(p: Prepared) -> str:
     if wf.evaluation is not None:
         lines.append(f"evaluation {wf.evaluation.ground_truth} -> {p.report_path}")
     lines.append(f"cluster    {p.cluster.describe()}")
+    lines += [f"note       {n}" for n in p.notes]
     return "\n".join(lines)
 
 

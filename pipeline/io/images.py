@@ -37,7 +37,7 @@ class ImageSpec:
 class ImageReader:
     """A lazily read image: ``shape`` is spatial, ``channels`` the channel count."""
 
-    def __init__(self, spec: ImageSpec, array: zarr.Array, keepalive: object = None) -> None:
+    def __init__(self, spec: ImageSpec, array: zarr.Array | _MemmapArray, keepalive: object = None) -> None:
         self.spec = spec
         self._array = array
         self._keepalive = keepalive  # the open TIFF file behind the store
@@ -114,7 +114,7 @@ def _mtime(spec: ImageSpec) -> float:
         raise InputImageError(f"{spec.field}: file not found: {spec.path}") from None
 
 
-def _open_array(spec: ImageSpec) -> tuple[zarr.Array, object]:
+def _open_array(spec: ImageSpec) -> tuple[zarr.Array | _MemmapArray, object]:
     path = Path(spec.path)
     if path.is_dir():
         return _open_zarr(spec), None
@@ -126,7 +126,7 @@ def _open_array(spec: ImageSpec) -> tuple[zarr.Array, object]:
     )
 
 
-def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array, object]:
+def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array | _MemmapArray, object]:
     try:
         tif = tifffile.TiffFile(spec.path)
     except Exception as exc:
@@ -135,8 +135,12 @@ def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array, object]:
         if not tif.series:
             raise InputImageError(f"{spec.field}: {spec.path}: TIFF holds no image series")
         series = tif.series[0]
-        store = series.aszarr(level=0)
-        array = zarr.open_array(store, mode="r")
+        if series.dataoffset is not None and not series.is_multifile:
+            # Uncompressed and contiguous: a memory map reads only the pages a region needs,
+            # where the zarr view would decode whole strips (often one strip = the image).
+            array = _MemmapArray(tifffile.memmap(spec.path, series=0, mode="r"))
+        else:
+            array = zarr.open_array(series.aszarr(level=0), mode="r")
     except InputImageError:
         tif.close()
         raise
@@ -144,6 +148,20 @@ def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array, object]:
         tif.close()
         raise InputImageError(f"{spec.field}: {spec.path}: cannot read TIFF image: {exc}") from None
     return array, tif
+
+
+class _MemmapArray:
+    """A read-only memory map with the array interface the reader uses (and nominal chunks)."""
+
+    CHUNK = 1024
+
+    def __init__(self, mm: np.memmap) -> None:
+        self._mm = mm
+        self.shape, self.dtype, self.ndim = mm.shape, mm.dtype, mm.ndim
+        self.chunks = tuple(min(n, self.CHUNK) for n in mm.shape)
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        return np.array(self._mm[index])
 
 
 def _open_zarr(spec: ImageSpec) -> zarr.Array:

@@ -71,3 +71,14 @@ def test_real_geotiff_reads_like_tifffile() -> None:
     whole = tifffile.imread(path)
     assert reader.shape == whole.shape == (900, 900)
     np.testing.assert_array_equal(reader.read((slice(100, 400), slice(850, 900)))[0], whole[100:400, 850:900])
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_single_strip_tiff_reads_the_same(tmp_path, rng, compression) -> None:
+    """Uncompressed contiguous files are memory-mapped; compressed ones decode strips."""
+    data = rng.integers(0, 255, (1100, 1030), dtype=np.uint8)
+    path = _write(tmp_path, "strip.tif", data, compression=compression, rowsperstrip=1100)
+    reader = open_image(ImageSpec(path))
+    np.testing.assert_array_equal(reader.read((slice(1090, 1100), slice(7, 9)))[0], data[1090:, 7:9])
+    # a memory map reads any region; a compressed strip is one 1100 x 1030 segment
+    assert reader.chunks == ((1100, 1030) if compression else (1024, 1024))
