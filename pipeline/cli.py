@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from .config import load_workflow
-    from .runner import prepare
+    from .planning import prepare
 
     prepared = prepare(load_workflow(args.workflow))
     plan = prepared.plan
@@ -44,7 +44,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from .config import load_workflow
-    from .runner import describe_plan, prepare
+    from .planning import describe_plan, prepare
 
     print(describe_plan(prepare(load_workflow(args.workflow))))
     return 0

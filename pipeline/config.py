@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -34,7 +34,7 @@ def _int_or_auto(minimum: int) -> Any:
             return value
         raise ValueError(f"an integer >= {minimum} or 'auto'")
 
-    return Annotated[Union[int, Literal["auto"]], PlainValidator(check)]
+    return Annotated[int | Literal["auto"], PlainValidator(check)]
 
 
 def _float_or_list(value: object) -> float | tuple[float, ...]:
@@ -65,7 +65,7 @@ def _device(value: object) -> str:
     raise ValueError("one of auto, cpu, cuda, cuda:N")
 
 
-FloatOrList = Annotated[Union[float, tuple[float, ...]], PlainValidator(_float_or_list)]
+FloatOrList = Annotated[float | tuple[float, ...], PlainValidator(_float_or_list)]
 
 
 class Section(BaseModel):
@@ -136,7 +136,7 @@ class TorchScriptConfig(ModelBase):
 
 
 ModelConfig = Annotated[
-    Union[UNetConfig, DilatedConfig, TorchScriptConfig], Field(discriminator="arch")
+    UNetConfig | DilatedConfig | TorchScriptConfig, Field(discriminator="arch")
 ]
 
 

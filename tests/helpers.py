@@ -102,7 +102,7 @@ def make_probe_ready(net: nn.Module) -> nn.Module:
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.rand(p.shape, generator=gen) * 0.1 + 0.01)
-    for name, module in list(net.named_modules()):
+    for module in list(net.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.MaxPool2d):
                 setattr(module, child_name, nn.AvgPool2d(child.kernel_size, child.stride))

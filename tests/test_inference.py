@@ -13,7 +13,6 @@ from pipeline.inference import normalise, predict_image
 from pipeline.models.dilated import DilatedContextNet, dilated_geometry
 from pipeline.models.unet import UNet, unet_geometry
 from pipeline.tiling import NetworkGeometry, plan_tiles
-
 from tests.helpers import BoxFilterNet, box_filter_reference
 
 

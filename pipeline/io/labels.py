@@ -186,4 +186,4 @@ def _open_for_write(path: str, run_id: str) -> zarr.Array:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")

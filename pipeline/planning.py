@@ -1,0 +1,182 @@
+"""Everything before computing: check a workflow, plan its tiles, describe the plan.
+
+:func:`prepare` does every check that needs no computation (``pipeline validate``): files,
+formats, model, sizes, ground truth, output. :func:`describe_plan` renders the plan as a
+person reads it (``pipeline plan``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .cluster import ClusterShape, cluster_shape
+from .config import TorchScriptConfig, Workflow
+from .errors import EvaluationError, PipelineError
+from .io.images import ImageReader, ImageSpec, open_image
+from .io.labels import check_output_free, label_dtype
+from .models.loading import LoadedModel, load_model
+from .tiling import TilePlan, plan_tiles
+
+MEMORY_BUDGET = 2 << 30  # per task, for tiling.tile: auto
+SEGMENT_NOTE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Prepared:
+    workflow: Workflow
+    image: ImageReader
+    model: LoadedModel
+    plan: TilePlan
+    cluster: ClusterShape
+    truth: ImageReader | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def label_dtype(self) -> np.dtype:
+        return label_dtype(self.workflow.model.num_classes)
+
+    @property
+    def report_path(self) -> str | None:
+        if self.workflow.evaluation is None:
+            return None
+        return evaluation_report_path(self.workflow.output.path)
+
+
+def evaluation_report_path(output_path: str) -> str:
+    """``out/slide.zarr`` -> ``out/slide.evaluation.json``, beside the volume."""
+    p = Path(output_path)
+    return str(p.with_name(p.stem + ".evaluation.json"))
+
+
+def prepare(wf: Workflow) -> Prepared:
+    """All checks short of computing: files, formats, model, sizes, output. Errors name the field."""
+    try:
+        return _prepare(wf)
+    except PipelineError as exc:
+        raise type(exc)(f"{wf.source}: {exc}") from None
+
+
+def _prepare(wf: Workflow) -> Prepared:
+    image = open_image(ImageSpec(wf.input.path, wf.input.channel_axis, "input.path"))
+    cfg = wf.model
+    if image.channels != cfg.in_channels:
+        raise PipelineError(
+            f"model.in_channels: {cfg.in_channels}, but {wf.input.path} has {image.channels} "
+            f"channel{'s' if image.channels > 1 else ''}"
+            + (" (set input.channel_axis for a multi-channel image)" if image.channels == 1 else "")
+        )
+    for name in ("mean", "std"):
+        value = getattr(cfg.normalize, name)
+        if isinstance(value, tuple) and len(value) != image.channels:
+            raise PipelineError(
+                f"model.normalize.{name}: expected one value or {image.channels} (one per "
+                f"channel), got {len(value)}"
+            )
+    model = load_model(cfg, "cpu")
+    act = model.activation_bytes_per_pixel or 0.0
+    bytes_per_read_pixel = 4.0 * (image.channels + cfg.num_classes) + act
+    plan = plan_tiles(
+        image.shape,
+        model.geometry,
+        tile=None if wf.tiling.tile == "auto" else int(wf.tiling.tile),
+        mirror=wf.tiling.mirror,
+        batch_size=wf.inference.batch_size,
+        halo=None if isinstance(cfg, TorchScriptConfig) or cfg.halo == "auto" else int(cfg.halo),
+        bytes_per_read_pixel=bytes_per_read_pixel,
+        memory_budget=MEMORY_BUDGET,
+    )
+    truth = None
+    if wf.evaluation is not None:
+        truth = open_image(ImageSpec(wf.evaluation.ground_truth, None, "evaluation.ground_truth"))
+        if truth.shape != image.shape:
+            raise EvaluationError(
+                f"evaluation.ground_truth: {wf.evaluation.ground_truth} has shape {truth.shape}, "
+                f"but the image {wf.input.path} has spatial shape {image.shape}; expected the same"
+            )
+        if not np.issubdtype(truth.dtype, np.integer):
+            raise EvaluationError(
+                f"evaluation.ground_truth: {wf.evaluation.ground_truth}: expected integer class "
+                f"ids, got dtype {truth.dtype}"
+            )
+    check_output_free(wf.output.path, wf.output.overwrite)
+    notes = []
+    segment = int(np.prod(image.chunks)) * image.channels * image.dtype.itemsize
+    if segment > SEGMENT_NOTE_BYTES:
+        notes.append(
+            f"{wf.input.path} is stored in compressed segments of {format_bytes(segment)} "
+            f"({' x '.join(map(str, image.chunks))} px): every read decodes whole segments; "
+            f"a tiled TIFF (e.g. tifffile.imwrite(..., tile=(512, 512))) or zarr reads faster"
+        )
+    return Prepared(wf, image, model, plan, cluster_shape(wf.cluster), truth, tuple(notes))
+
+
+def describe_plan(p: Prepared) -> str:
+    """The plan as a person reads it: sizes, halo, borders, tasks, memory."""
+    wf, plan, geo, img = p.workflow, p.plan, p.model.geometry, p.image
+    shape = " x ".join(map(str, img.shape))
+    read = " x ".join(map(str, plan.read_shape))
+    tile = " x ".join(map(str, plan.tile))
+    halo_from = "declared" if isinstance(wf.model, TorchScriptConfig) else "from its layers"
+    weights = p.model.identity["weights"]
+    weights_text = (
+        f"untrained (fixed seed {weights['seed']})" if p.model.untrained else weights["path"]
+    )
+    far = [
+        max(0, ext[-1][0] + ext[-1][1] - n) + plan.context
+        for ext, n in zip(plan.tile_extents, img.shape)
+    ]
+    lines = [
+        f"image      {wf.input.path}",
+        f"           {shape} px, {img.channels} channel{'s' * (img.channels > 1)}, {img.dtype}, "
+        f"stored in chunks of {' x '.join(map(str, img.chunks))}",
+        f"model      {p.model.identity['arch']} {_params(p.model.identity['params'])}",
+        f"           weights: {weights_text}",
+        f"           {geo.name}: halo {geo.halo} px ({halo_from}), trim {geo.trim} px, "
+        f"shift period {geo.shift_period}, legal inputs {geo.size_min} + n x {geo.size_step}",
+        f"tiles      write box {tile}, read box {read} (context {plan.context} px per side)",
+        f"           tile sizes are multiples of {geo.tile_multiple}; {plan.n_tiles} tiles",
+        f"borders    mirrored ({plan.mirror}): {plan.context} px before the first row/column, "
+        f"{' / '.join(map(str, far))} px after the last (rows / columns)",
+        f"tasks      {' x '.join(map(str, plan.grid))} = {plan.n_blocks} blocks, "
+        f"{'x'.join(map(str, plan.block_tiles))} tiles each (one forward pass per block)",
+        f"memory     ~{format_bytes(estimate_task_bytes(p))} per task"
+        + ("" if p.model.activation_bytes_per_pixel else " + model activations (unknown for TorchScript)"),
+        f"output     {wf.output.path} ({p.label_dtype}, chunks "
+        f"{' x '.join(map(str, plan.block_shape))}, one per block)",
+    ]
+    if wf.evaluation is not None:
+        lines.append(f"evaluation {wf.evaluation.ground_truth} -> {p.report_path}")
+    lines.append(f"cluster    {p.cluster.describe()}")
+    lines += [f"note       {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+def estimate_task_bytes(p: Prepared) -> int:
+    """Peak bytes of one block task: source read, float copies, batch, activations, logits."""
+    plan, img = p.plan, p.image
+    read_px = int(np.prod(plan.max_block_read_shape))
+    tiles = int(np.prod(plan.block_tiles))
+    tile_px = int(np.prod(plan.read_shape))
+    out_px = int(np.prod([t + 2 * (plan.context - plan.geometry.trim) for t in plan.tile]))
+    source = read_px * img.channels * (img.dtype.itemsize + 4)
+    batch = tiles * tile_px * img.channels * 4 * 2  # numpy stack + tensor
+    acts = tiles * tile_px * (p.model.activation_bytes_per_pixel or 0.0)
+    logits = tiles * out_px * p.workflow.model.num_classes * 4
+    labels = int(np.prod(plan.block_shape)) * 8
+    return int(source + batch + acts + logits + labels)
+
+
+def _params(params: dict[str, Any]) -> str:
+    return "(" + ", ".join(f"{k} {v}" for k, v in params.items() if k != "arch") + ")"
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
