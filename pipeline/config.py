@@ -20,6 +20,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from .errors import WorkflowError
@@ -54,9 +55,35 @@ def _declared_halo(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     raise ValueError(
-        "a halo in pixels (integer >= 0): the receptive field of a TorchScript model cannot "
-        "be computed, so it must be declared"
+        "a halo in pixels (integer >= 0): the receptive field of a model the pipeline cannot "
+        "see into must be declared"
     )
+
+
+def _channel_list(value: object) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        and len(set(value)) == len(value)
+    ):
+        return tuple(value)
+    raise ValueError("a list of distinct channel indices >= 0, e.g. [2, 1, 0]")
+
+
+def _percentiles(value: object) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        and 0 <= value[0] < value[1] <= 100
+    ):
+        return (float(value[0]), float(value[1]))
+    raise ValueError("two percentiles [low, high] with 0 <= low < high <= 100, e.g. [1, 99.8]")
 
 
 def _device(value: object) -> str:
@@ -77,21 +104,46 @@ class InputConfig(Section):
     channel_axis: int | None = Field(
         default=None, description="index of the channel axis of a multi-channel image"
     )
+    channels: Annotated[tuple[int, ...] | None, PlainValidator(_channel_list)] = Field(
+        default=None, description="channels to use, in the order the model expects"
+    )
 
 
 class NormalizeConfig(Section):
-    """``x -> (x - mean) / std``, per channel when lists are given."""
+    """``x -> (x - mean) / std``, per channel when lists are given; or percentile scaling.
 
-    mean: FloatOrList = 0.0
-    std: FloatOrList = 1.0
+    ``percentiles: [low, high]`` maps the image's low/high percentiles to 0/1, with the
+    percentiles computed once over the whole image (per channel), never per tile:
+    per-tile statistics would make seams.
+    """
+
+    mean: FloatOrList | None = None
+    std: FloatOrList | None = None
+    percentiles: Annotated[tuple[float, float] | None, PlainValidator(_percentiles)] = None
 
     @field_validator("std")
     @classmethod
-    def _positive(cls, v: float | tuple[float, ...]) -> float | tuple[float, ...]:
+    def _positive(cls, v: float | tuple[float, ...] | None) -> float | tuple[float, ...] | None:
         values = v if isinstance(v, tuple) else (v,)
-        if any(s <= 0 for s in values):
+        if v is not None and any(s <= 0 for s in values):
             raise ValueError("positive standard deviations")
         return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> NormalizeConfig:
+        if self.percentiles is not None and (self.mean is not None or self.std is not None):
+            raise ValueError("either mean/std or percentiles, not both")
+        return self
+
+    @property
+    def fixed(self) -> bool:
+        return self.percentiles is None
+
+    def scale(self) -> tuple[float | tuple[float, ...], float | tuple[float, ...]]:
+        """``(mean, std)`` of a fixed normalisation (defaults 0 and 1)."""
+        if not self.fixed:
+            raise ValueError("percentile normalisation must be resolved against the image first")
+        return (0.0 if self.mean is None else self.mean, 1.0 if self.std is None else self.std)
 
 
 class ModelBase(Section):
@@ -124,19 +176,48 @@ class DilatedConfig(ModelBase):
     seed: int = Field(default=0, ge=0, description="initialisation seed when path is null")
 
 
-class TorchScriptConfig(ModelBase):
-    """A user's TorchScript file; the pipeline cannot see its layers, so geometry is declared."""
+class DeclaredGeometry(ModelBase):
+    """A model whose layers the pipeline cannot read: its geometry is declared.
+
+    ``halo`` is required; ``validate`` checks it with a gradient probe. Input sizes are
+    ``size_min + n * size_step`` up to ``size_max``; unset values are read from the file
+    where it says (a torch.export program's dynamic shapes), else ``1, 1, unbounded``.
+    """
+
+    halo: Annotated[int, PlainValidator(_declared_halo)]  # type: ignore[assignment]
+    shift_period: int = Field(default=1, ge=1, description="total stride of pooling layers")
+    size_min: int | None = Field(default=None, ge=1, description="legal sizes: min + n * step")
+    size_step: int | None = Field(default=None, ge=1)
+    size_max: int | None = Field(default=None, ge=1)
+
+
+class TorchScriptConfig(DeclaredGeometry):
+    """A TorchScript file (``torch.jit.save``)."""
 
     arch: Literal["torchscript"]
     path: str  # type: ignore[assignment]
-    halo: Annotated[int, PlainValidator(_declared_halo)]  # type: ignore[assignment]
-    shift_period: int = Field(default=1, ge=1, description="total stride of pooling layers")
-    size_min: int = Field(default=1, ge=1, description="legal input sizes: min + n * step")
-    size_step: int = Field(default=1, ge=1)
 
 
+class ExportConfig(DeclaredGeometry):
+    """A ``torch.export`` program (``.pt2``); export with dynamic height and width."""
+
+    arch: Literal["export"]
+    path: str  # type: ignore[assignment]
+
+
+class CustomConfig(DeclaredGeometry):
+    """An architecture of the user's, ``package.module:callable(**kwargs)``, with a state dict."""
+
+    arch: Literal["custom"]
+    factory: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    seed: int = Field(default=0, ge=0, description="initialisation seed when path is null")
+
+
+BUILTIN_ARCHS = ("unet", "dilated")
 ModelConfig = Annotated[
-    UNetConfig | DilatedConfig | TorchScriptConfig, Field(discriminator="arch")
+    UNetConfig | DilatedConfig | TorchScriptConfig | ExportConfig | CustomConfig,
+    Field(discriminator="arch"),
 ]
 
 
@@ -242,7 +323,7 @@ def resolve_path(value: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-_UNION_TAGS = {"unet", "dilated", "torchscript"}
+_UNION_TAGS = {"unet", "dilated", "torchscript", "export", "custom"}
 
 
 def format_error(source: object, err: dict[str, Any]) -> str:
@@ -260,14 +341,14 @@ def format_error(source: object, err: dict[str, Any]) -> str:
     if kind == "missing":
         if field == "model.halo":
             return (
-                f"{source}: model.halo: required for arch torchscript: the receptive field of "
-                f"a TorchScript model cannot be computed, so declare it in pixels"
+                f"{source}: model.halo: required for this arch: the pipeline cannot read the "
+                f"receptive field of a model it cannot see into, so declare it in pixels"
             )
         return f"{source}: {field}: required field is missing"
     if kind == "union_tag_invalid":
         return f"{source}: {field}.arch: expected one of {err['ctx']['expected_tags']}, got {got.get('arch')!r}"
     if kind == "union_tag_not_found":
-        return f"{source}: {field}.arch: required field is missing (unet, dilated or torchscript)"
+        return f"{source}: {field}.arch: required field is missing ({', '.join(sorted(_UNION_TAGS))})"
     msg = err["msg"]
     for prefix in ("Input should be ", "Value error, "):
         if msg.startswith(prefix):
@@ -283,7 +364,13 @@ def _allowed_keys(loc: tuple) -> list[str]:
         if model is None:
             break
         if part in _UNION_TAGS:
-            model = {"unet": UNetConfig, "dilated": DilatedConfig, "torchscript": TorchScriptConfig}[part]
+            model = {
+                "unet": UNetConfig,
+                "dilated": DilatedConfig,
+                "torchscript": TorchScriptConfig,
+                "export": ExportConfig,
+                "custom": CustomConfig,
+            }[part]
             continue
         info = model.model_fields.get(str(part))
         annotation = getattr(info, "annotation", None)

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import dask.array as da
 import numpy as np
-from dask.base import tokenize
 
 from .errors import EvaluationError
-from .io.images import ImageSpec, LazyImageArray
+from .io.images import ImageSpec, as_dask_labels
 from .io.labels import is_label_volume, open_label_volume
 from .metrics import ClassIdError, Scores, confusion_matrix, scores_from_confusion
 
@@ -88,13 +87,8 @@ def evaluate_paths(
     prediction's chunks.
     """
     pred = _as_dask(prediction)
-    truth_array = LazyImageArray(truth)
-    gt = da.from_array(
-        truth_array,
-        chunks=pred.chunks if truth_array.shape == pred.shape else "auto",
-        name="labels-" + tokenize(truth, truth_array.shape, str(truth_array.dtype)),
-        asarray=False,
-    )
+    # Read the truth in the prediction's chunks, straight from the file: no rechunking.
+    gt = as_dask_labels(truth, chunks=pred.chunksize)
     for spec, array in ((truth, gt), (prediction, pred)):
         if not np.issubdtype(array.dtype, np.integer):
             raise EvaluationError(
@@ -113,10 +107,4 @@ def evaluate_paths(
 def _as_dask(spec: ImageSpec) -> da.Array:
     if is_label_volume(spec.path):
         return da.from_zarr(open_label_volume(spec.path))
-    array = LazyImageArray(spec)
-    return da.from_array(
-        array,
-        chunks=array.chunks,
-        name="labels-" + tokenize(spec, array.shape, str(array.dtype)),
-        asarray=False,
-    )
+    return as_dask_labels(spec)

@@ -33,6 +33,7 @@ class InferenceSpec:
 
     image: ImageSpec
     model: ModelConfig
+    normalize: NormalizeConfig
     plan: TilePlan
     output_path: str
     run_id: str
@@ -56,7 +57,7 @@ def run_block(index: tuple[int, ...], spec: InferenceSpec) -> BlockResult:
     model = cached_model(spec.model, spec.device, spec.torch_threads)
     image = open_image(spec.image)
     raw = image.read_box(block.read, spec.plan.mirror)
-    x = normalise(raw, spec.model.normalize)
+    x = normalise(raw, spec.normalize)
     labels = predict_block(x, block, spec.plan, model.module, output="labels")
     write_block(spec.output_path, spec.run_id, block.write, labels.astype(spec.label_dtype))
     return BlockResult(block.index, block.write.size, len(block.tiles), time.perf_counter() - start)
@@ -68,8 +69,9 @@ def normalise(x: np.ndarray, cfg: NormalizeConfig) -> np.ndarray:
     Statistics are fixed for the whole image: per-tile normalisation would make seams.
     """
     channels = x.shape[0]
-    mean = _per_channel(cfg.mean, channels, x.ndim)
-    std = _per_channel(cfg.std, channels, x.ndim)
+    mean_value, std_value = cfg.scale()
+    mean = _per_channel(mean_value, channels, x.ndim)
+    std = _per_channel(std_value, channels, x.ndim)
     out = x.astype(np.float32, copy=True)
     out -= mean
     out /= std
@@ -148,7 +150,7 @@ _MODELS: dict[tuple, LoadedModel] = {}
 def cached_model(cfg: ModelConfig, device: str, torch_threads: int | None) -> LoadedModel:
     """Load the model once per worker process (threads share it; eval mode, no grad)."""
     mtime = Path(cfg.path).stat().st_mtime if cfg.path else None
-    key = (cfg, device, mtime)
+    key = (cfg.model_dump_json(), device, mtime)
     with _MODEL_LOCK:
         if key not in _MODELS:
             if torch_threads:

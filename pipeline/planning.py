@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 
 from .cluster import ClusterShape, cluster_shape
-from .config import TorchScriptConfig, Workflow
+from .config import DeclaredGeometry, NormalizeConfig, Workflow
 from .errors import EvaluationError, PipelineError
 from .io.images import ImageReader, ImageSpec, open_image
 from .io.labels import check_output_free, label_dtype
-from .models.loading import LoadedModel, load_model
+from .models.loading import LoadedModel, check_declared_halo, load_model
 from .tiling import TilePlan, plan_tiles
 
 MEMORY_BUDGET = 2 << 30  # per task, for tiling.tile: auto
@@ -52,6 +52,15 @@ def evaluation_report_path(output_path: str) -> str:
     return str(p.with_name(p.stem + ".evaluation.json"))
 
 
+def input_spec(wf: Workflow) -> ImageSpec:
+    return ImageSpec(wf.input.path, wf.input.channel_axis, "input.path", wf.input.channels)
+
+
+def truth_spec(wf: Workflow) -> ImageSpec:
+    assert wf.evaluation is not None
+    return ImageSpec(wf.evaluation.ground_truth, None, "evaluation.ground_truth")
+
+
 def prepare(wf: Workflow) -> Prepared:
     """All checks short of computing: files, formats, model, sizes, output. Errors name the field."""
     try:
@@ -61,7 +70,7 @@ def prepare(wf: Workflow) -> Prepared:
 
 
 def _prepare(wf: Workflow) -> Prepared:
-    image = open_image(ImageSpec(wf.input.path, wf.input.channel_axis, "input.path"))
+    image = open_image(input_spec(wf))
     cfg = wf.model
     if image.channels != cfg.in_channels:
         raise PipelineError(
@@ -77,6 +86,7 @@ def _prepare(wf: Workflow) -> Prepared:
                 f"channel), got {len(value)}"
             )
     model = load_model(cfg, "cpu")
+    check_declared_halo(model, cfg)
     act = model.activation_bytes_per_pixel or 0.0
     bytes_per_read_pixel = 4.0 * (image.channels + cfg.num_classes) + act
     plan = plan_tiles(
@@ -85,13 +95,13 @@ def _prepare(wf: Workflow) -> Prepared:
         tile=None if wf.tiling.tile == "auto" else int(wf.tiling.tile),
         mirror=wf.tiling.mirror,
         batch_size=wf.inference.batch_size,
-        halo=None if isinstance(cfg, TorchScriptConfig) or cfg.halo == "auto" else int(cfg.halo),
+        halo=None if isinstance(cfg, DeclaredGeometry) or cfg.halo == "auto" else int(cfg.halo),
         bytes_per_read_pixel=bytes_per_read_pixel,
         memory_budget=MEMORY_BUDGET,
     )
     truth = None
     if wf.evaluation is not None:
-        truth = open_image(ImageSpec(wf.evaluation.ground_truth, None, "evaluation.ground_truth"))
+        truth = open_image(truth_spec(wf))
         if truth.shape != image.shape:
             raise EvaluationError(
                 f"evaluation.ground_truth: {wf.evaluation.ground_truth} has shape {truth.shape}, "
@@ -120,7 +130,11 @@ def describe_plan(p: Prepared) -> str:
     shape = " x ".join(map(str, img.shape))
     read = " x ".join(map(str, plan.read_shape))
     tile = " x ".join(map(str, plan.tile))
-    halo_from = "declared" if isinstance(wf.model, TorchScriptConfig) else "from its layers"
+    halo_from = (
+        "declared, checked by a gradient probe"
+        if isinstance(wf.model, DeclaredGeometry)
+        else "from its layers"
+    )
     weights = p.model.identity["weights"]
     weights_text = (
         f"untrained (fixed seed {weights['seed']})" if p.model.untrained else weights["path"]
@@ -136,7 +150,8 @@ def describe_plan(p: Prepared) -> str:
         f"model      {p.model.identity['arch']} {_params(p.model.identity['params'])}",
         f"           weights: {weights_text}",
         f"           {geo.name}: halo {geo.halo} px ({halo_from}), trim {geo.trim} px, "
-        f"shift period {geo.shift_period}, legal inputs {geo.size_min} + n x {geo.size_step}",
+        f"shift period {geo.shift_period}, legal inputs {geo.describe_sizes()}",
+        f"normalise  {describe_normalization(wf.model.normalize)}",
         f"tiles      write box {tile}, read box {read} (context {plan.context} px per side)",
         f"           tile sizes are multiples of {geo.tile_multiple}; {plan.n_tiles} tiles",
         f"borders    mirrored ({plan.mirror}): {plan.context} px before the first row/column, "
@@ -144,7 +159,7 @@ def describe_plan(p: Prepared) -> str:
         f"tasks      {' x '.join(map(str, plan.grid))} = {plan.n_blocks} blocks, "
         f"{'x'.join(map(str, plan.block_tiles))} tiles each (one forward pass per block)",
         f"memory     ~{format_bytes(estimate_task_bytes(p))} per task"
-        + ("" if p.model.activation_bytes_per_pixel else " + model activations (unknown for TorchScript)"),
+        + ("" if p.model.activation_bytes_per_pixel else " + model activations (unknown for a model declared by file)"),
         f"output     {wf.output.path} ({p.label_dtype}, chunks "
         f"{' x '.join(map(str, plan.block_shape))}, one per block)",
     ]
@@ -153,6 +168,21 @@ def describe_plan(p: Prepared) -> str:
     lines.append(f"cluster    {p.cluster.describe()}")
     lines += [f"note       {n}" for n in p.notes]
     return "\n".join(lines)
+
+
+def describe_normalization(cfg: NormalizeConfig) -> str:
+    if not cfg.fixed:
+        low, high = cfg.percentiles  # type: ignore[misc]
+        return (
+            f"percentiles {low:g} / {high:g} of the whole image -> 0 / 1, per channel "
+            f"(computed once at the start of the run)"
+        )
+    mean, std = cfg.scale()
+    return f"(x - {_values(mean)}) / {_values(std)}"
+
+
+def _values(v: float | tuple[float, ...]) -> str:
+    return f"{v:g}" if isinstance(v, float) else "[" + ", ".join(f"{x:g}" for x in v) + "]"
 
 
 def estimate_task_bytes(p: Prepared) -> int:

@@ -12,14 +12,22 @@ from distributed import as_completed
 
 from . import __version__
 from .cluster import connect
-from .config import Workflow
+from .config import NormalizeConfig, Workflow
 from .errors import ExecutionError, PipelineError
 from .evaluation import evaluate_paths
 from .inference import InferenceSpec, run_block
 from .io.images import ImageSpec
 from .io.labels import create_label_volume, mark_complete
 from .metrics import Scores
-from .planning import Prepared, describe_plan, prepare
+from .normalization import resolve_normalization
+from .planning import (
+    Prepared,
+    describe_normalization,
+    describe_plan,
+    input_spec,
+    prepare,
+    truth_spec,
+)
 from .progress import Progress, format_seconds
 from .report import UNTRAINED_NOTE, class_names, format_table, scores_to_dict, write_json
 from .tiling import TilePlan
@@ -40,26 +48,31 @@ def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> R
     prepared = prepare(wf)
     plan = prepared.plan
     print(describe_plan(prepared), file=out, flush=True)
-    run_id = create_label_volume(
-        wf.output.path,
-        shape=plan.image_shape,
-        chunks=plan.block_shape,
-        dtype=prepared.label_dtype,
-        provenance=_provenance(prepared),
-        overwrite=wf.output.overwrite,
-    )
-    spec = InferenceSpec(
-        image=ImageSpec(wf.input.path, wf.input.channel_axis, "input.path"),
-        model=wf.model,
-        plan=plan,
-        output_path=wf.output.path,
-        run_id=run_id,
-        label_dtype=str(prepared.label_dtype),
-        device=wf.inference.device,
-        torch_threads=prepared.cluster.torch_threads,
-    )
+    image = input_spec(wf)
     scores = None
     with connect(wf.cluster) as client:
+        normalize = resolve_normalization(wf.model.normalize, image)
+        if not wf.model.normalize.fixed:
+            print(f"normalise  resolved: {describe_normalization(normalize)}", file=out, flush=True)
+        run_id = create_label_volume(
+            wf.output.path,
+            shape=plan.image_shape,
+            chunks=plan.block_shape,
+            dtype=prepared.label_dtype,
+            provenance=_provenance(prepared, normalize),
+            overwrite=wf.output.overwrite,
+        )
+        spec = InferenceSpec(
+            image=image,
+            model=wf.model,
+            normalize=normalize,
+            plan=plan,
+            output_path=wf.output.path,
+            run_id=run_id,
+            label_dtype=str(prepared.label_dtype),
+            device=wf.inference.device,
+            torch_threads=prepared.cluster.torch_threads,
+        )
         compute_seconds = _predict_all(client, spec, prepared, err)
         mark_complete(
             wf.output.path,
@@ -74,7 +87,7 @@ def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> R
         if wf.evaluation is not None:
             scores = evaluate_paths(
                 ImageSpec(wf.output.path, None, "output.path"),
-                ImageSpec(wf.evaluation.ground_truth, None, "evaluation.ground_truth"),
+                truth_spec(wf),
                 wf.model.num_classes,
                 wf.evaluation.ignore_index,
             )
@@ -145,9 +158,10 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def _provenance(p: Prepared) -> dict[str, Any]:
+def _provenance(p: Prepared, normalize: NormalizeConfig) -> dict[str, Any]:
     plan = p.plan
     return {
+        "normalization": normalize.model_dump(mode="json"),
         "version": __version__,
         "workflow_file": p.workflow.source,
         "workflow": p.workflow.model_dump(mode="json"),

@@ -36,7 +36,8 @@ AUTO_TILE_START = 2048
 class NetworkGeometry:
     """What the tiler must know of a network (the same along every spatial axis).
 
-    Legal input sizes are ``size_min + n * size_step`` (bioimage.io's parametrized shape);
+    Legal input sizes are ``size_min + n * size_step`` up to ``size_max`` if set (bioimage.io's
+    parametrized shape; a fixed-size model has ``size_min == size_max``);
     the output has ``input - 2 * trim`` pixels; an output pixel depends on input pixels at
     most ``halo`` away; shifting the input by a multiple of ``shift_period`` shifts the
     output by the same amount.
@@ -47,12 +48,15 @@ class NetworkGeometry:
     shift_period: int = 1
     size_min: int = 1
     size_step: int = 1
+    size_max: int | None = None
     name: str = "network"
 
     def __post_init__(self) -> None:
         if self.halo < self.trim:
             raise ValueError(f"halo {self.halo} smaller than trim {self.trim}")
         if min(self.shift_period, self.size_step, self.size_min) < 1 or self.trim < 0:
+            raise ValueError(f"invalid network geometry {self}")
+        if self.size_max is not None and self.size_max < self.size_min:
             raise ValueError(f"invalid network geometry {self}")
 
     @property
@@ -61,7 +65,15 @@ class NetworkGeometry:
         return math.lcm(self.shift_period, self.size_step)
 
     def is_legal_input(self, size: int) -> bool:
+        if self.size_max is not None and size > self.size_max:
+            return False
         return size >= self.size_min and (size - self.size_min) % self.size_step == 0
+
+    def describe_sizes(self) -> str:
+        if self.size_max == self.size_min:
+            return f"exactly {self.size_min}"
+        upto = f" up to {self.size_max}" if self.size_max is not None else ""
+        return f"{self.size_min} + n x {self.size_step}{upto}"
 
 
 @dataclass(frozen=True)
@@ -208,13 +220,32 @@ def plan_tiles(
 
 def _context_for(tile: int, needed: int, geometry: NetworkGeometry) -> int:
     """Smallest context ``>= needed`` making ``tile + 2 * context`` a legal input size."""
-    for c in range(needed, needed + geometry.size_step + 1):
-        if geometry.is_legal_input(tile + 2 * c):
-            return c
+    context = _try_context(tile, needed, geometry)
+    if context is not None:
+        return context
+    largest = ""
+    if geometry.size_max is not None:
+        fits = [t for t in range(geometry.tile_multiple, geometry.size_max + 1, geometry.tile_multiple)
+                if _fits(t, needed, geometry)]
+        largest = f"; the largest tile that fits is {fits[-1]}" if fits else "; no tile fits"
     raise TilingError(
         f"tiling.tile: no context of at least {needed} px makes a tile of {tile} px a legal input "
-        f"for the {geometry.name} (legal sizes: {geometry.size_min} + n * {geometry.size_step})"
+        f"for the {geometry.name} (legal input sizes: {geometry.describe_sizes()}){largest}"
     )
+
+
+def _try_context(tile: int, needed: int, geometry: NetworkGeometry) -> int | None:
+    lowest = tile + 2 * needed
+    first = max(0, -(-(lowest - geometry.size_min) // geometry.size_step))
+    for n in (first, first + 1):  # two candidates cover both parities
+        size = geometry.size_min + n * geometry.size_step
+        if (size - tile) % 2 == 0 and geometry.is_legal_input(size):
+            return (size - tile) // 2
+    return None
+
+
+def _fits(tile: int, needed: int, geometry: NetworkGeometry) -> bool:
+    return _try_context(tile, needed, geometry) is not None
 
 
 def _auto_tile(
@@ -222,11 +253,18 @@ def _auto_tile(
 ) -> int:
     m = geometry.tile_multiple
     t = max(m, (AUTO_TILE_START // m) * m)
+    if geometry.size_max is not None:
+        t = min(t, max(m, ((geometry.size_max - 2 * needed) // m) * m))
+    while t > m and not _fits(t, needed, geometry):
+        t -= m
     while t > m:
         c = _context_for(t, needed, geometry)
         if batch * (t + 2 * c) ** 2 * bytes_per_px <= budget:
             break
-        t = max(m, ((t // 2) // m) * m)
+        smaller = max(m, ((t // 2) // m) * m)
+        while smaller > m and not _fits(smaller, needed, geometry):
+            smaller -= m
+        t = smaller
     return t
 
 

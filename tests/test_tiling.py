@@ -129,3 +129,18 @@ def test_auto_tile_respects_the_memory_budget() -> None:
     assert big.tile == (2048, 2048)
     assert small.tile[0] < 2048
     assert small.read_shape[0] ** 2 * 100 <= 64 << 20
+
+
+def test_fixed_size_model_gets_the_one_tile_that_fits() -> None:
+    geo = NetworkGeometry(halo=10, shift_period=4, size_min=128, size_max=128)
+    plan = plan_tiles((300, 200), geo, tile=None, mirror="reflect")
+    assert plan.tile == (108, 108) and plan.read_shape == (128, 128)
+    with pytest.raises(TilingError, match=r"legal input sizes: exactly 128.*largest tile that fits is 108"):
+        plan_tiles((300, 200), geo, tile=112, mirror="reflect")
+
+
+def test_size_max_caps_the_tile() -> None:
+    geo = NetworkGeometry(halo=8, size_min=16, size_step=16, shift_period=16, size_max=512)
+    assert plan_tiles((4000, 4000), geo, tile=None, mirror="reflect").read_shape == (512, 512)
+    with pytest.raises(TilingError, match="up to 512"):
+        plan_tiles((4000, 4000), geo, tile=1024, mirror="reflect")

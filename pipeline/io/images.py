@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import tifffile
 import zarr
+from dask.base import tokenize
 
 from ..errors import InputImageError
 from ..geometry import Box
@@ -32,6 +34,7 @@ class ImageSpec:
     path: str
     channel_axis: int | None = None
     field: str = "input.path"
+    channels: tuple[int, ...] | None = None
 
 
 class ImageReader:
@@ -69,7 +72,18 @@ class ImageReader:
         self._channel_axis = axis
         spatial = [s for i, s in enumerate(array.shape) if i != axis]
         self.shape: tuple[int, ...] = tuple(int(s) for s in spatial)
-        self.channels: int = 1 if axis is None else int(array.shape[axis])
+        stored = 1 if axis is None else int(array.shape[axis])
+        self._select = None
+        if spec.channels is not None:
+            bad = [c for c in spec.channels if c >= stored]
+            if bad:
+                raise InputImageError(
+                    f"{spec.path}: input.channels: index {bad[0]} is out of range for an image "
+                    f"with {stored} channel{'s' * (stored > 1)} (shape {array.shape})"
+                )
+            if list(spec.channels) != list(range(stored)):
+                self._select = list(spec.channels)
+        self.channels: int = stored if spec.channels is None else len(spec.channels)
         self.dtype = np.dtype(array.dtype)
         if any(s == 0 for s in self.shape) or self.channels == 0:
             raise InputImageError(f"{spec.path}: image is empty (shape {array.shape})")
@@ -87,9 +101,8 @@ class ImageReader:
         else:
             data = self._array[tuple(index)]
         data = np.asarray(data)
-        if self._channel_axis is None:
-            return data[np.newaxis]
-        return np.moveaxis(data, self._channel_axis, 0)
+        data = data[np.newaxis] if self._channel_axis is None else np.moveaxis(data, self._channel_axis, 0)
+        return data if self._select is None else data[self._select]
 
     def read_box(self, box: Box, mirror: MirrorMode) -> np.ndarray:
         """``box`` (which may reach past the image) with mirrored context, ``(C, *box.shape)``."""
@@ -185,24 +198,43 @@ def _open_zarr(spec: ImageSpec) -> zarr.Array:
     )
 
 
-class LazyImageArray:
-    """Array-like single-channel view of an image for ``dask.array.from_array``.
+def as_dask_array(spec: ImageSpec, chunks: tuple[int, ...] | None = None) -> da.Array:
+    """The image as a Dask array ``(C, *spatial)``, chunked like its storage by default.
 
-    Pickles as its spec; each worker process opens the file itself on first read.
+    Tasks carry only the spec; each worker process opens the file itself on first read.
     """
+    source = _LazyImage(spec)
+    spatial = chunks or source.chunks
+    return da.from_array(
+        source,
+        chunks=(source.shape[0],) + tuple(spatial),
+        name="image-" + tokenize(spec, _mtime(spec)),
+        asarray=False,
+    )
+
+
+def as_dask_labels(spec: ImageSpec, chunks: tuple[int, ...] | None = None) -> da.Array:
+    """A single-channel label image as a Dask array of its spatial shape."""
+    array = as_dask_array(spec, chunks)
+    if array.shape[0] != 1:
+        raise InputImageError(
+            f"{spec.field}: {spec.path}: expected a single-channel label image, got "
+            f"{array.shape[0]} channels"
+        )
+    return array[0]
+
+
+class _LazyImage:
+    """Array-like ``(C, *spatial)`` view of an image for ``dask.array.from_array``."""
 
     def __init__(self, spec: ImageSpec) -> None:
         reader = open_image(spec)
-        if reader.channels != 1:
-            raise InputImageError(
-                f"{spec.field}: {spec.path}: expected a single-channel label image, got "
-                f"{reader.channels} channels"
-            )
         self.spec = spec
-        self.shape = reader.shape
+        self.shape = (reader.channels,) + reader.shape
         self.dtype = reader.dtype
         self.ndim = len(self.shape)
         self.chunks = reader.chunks
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
-        return open_image(self.spec).read(tuple(index))[0]
+        channels, *spatial = index
+        return open_image(self.spec).read(tuple(spatial))[channels]

@@ -33,6 +33,22 @@ class DoubleConv(nn.Sequential):
         super().__init__(*layers)
 
 
+class UpBlock(nn.Module):
+    """Up-convolve, centre-crop the skip to the same size, concatenate, two convolutions."""
+
+    def __init__(self, c_in: int, c_out: int, padding: Padding, batch_norm: bool) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
+        self.convs = DoubleConv(2 * c_out, c_out, padding, batch_norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = self.up(x)
+        dy = (skip.shape[-2] - x.shape[-2]) // 2
+        dx = (skip.shape[-1] - x.shape[-1]) // 2
+        skip = skip[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
+        return self.convs(torch.cat([skip, x], dim=1))
+
+
 class UNet(nn.Module):
     def __init__(
         self,
@@ -52,27 +68,20 @@ class UNet(nn.Module):
         )
         self.pool = nn.MaxPool2d(2)
         self.bottleneck = DoubleConv(chans[depth - 1], chans[depth], padding, batch_norm)
-        self.ups = nn.ModuleList(
-            nn.ConvTranspose2d(chans[lv + 1], chans[lv], 2, stride=2) for lv in reversed(range(depth))
-        )
         self.decoders = nn.ModuleList(
-            DoubleConv(2 * chans[lv], chans[lv], padding, batch_norm) for lv in reversed(range(depth))
+            UpBlock(chans[lv + 1], chans[lv], padding, batch_norm) for lv in reversed(range(depth))
         )
         self.head = nn.Conv2d(chans[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+        skips: list[torch.Tensor] = []
         for encoder in self.encoders:
             x = encoder(x)
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
-        for up, decoder, skip in zip(self.ups, self.decoders, reversed(skips)):
-            x = up(x)
-            dy = (skip.shape[-2] - x.shape[-2]) // 2
-            dx = (skip.shape[-1] - x.shape[-1]) // 2
-            skip = skip[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
-            x = decoder(torch.cat([skip, x], dim=1))
+        for i, decoder in enumerate(self.decoders):
+            x = decoder(x, skips[len(skips) - 1 - i])
         return self.head(x)
 
 

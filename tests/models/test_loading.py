@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import DilatedConfig, TorchScriptConfig, UNetConfig
+from pipeline.config import CustomConfig, DilatedConfig, ExportConfig, TorchScriptConfig, UNetConfig
 from pipeline.errors import ModelError
-from pipeline.models.loading import build_module, load_model
+from pipeline.models.loading import build_module, check_declared_halo, load_model
+from pipeline.models.unet import UNet
 from tests.helpers import BoxFilterNet
 
 
@@ -99,3 +100,70 @@ def test_not_a_torchscript_file(tmp_path) -> None:
     cfg = TorchScriptConfig(arch="torchscript", path=str(path), num_classes=2, halo=2)
     with pytest.raises(ModelError, match="is not a TorchScript file"):
         load_model(cfg)
+
+
+def test_safetensors_weights_for_a_builtin(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    cfg = UNetConfig(arch="unet", num_classes=2, depth=2, width=4)
+    torch.manual_seed(9)
+    eager = build_module(cfg).eval()
+    save_file(eager.state_dict(), tmp_path / "w.safetensors")
+    loaded = load_model(cfg.model_copy(update={"path": str(tmp_path / "w.safetensors")}))
+    x = torch.rand(1, 1, 32, 32)
+    assert torch.equal(_logits(loaded.module, x), _logits(eager, x))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ModelError, match="is not a safetensors file"):
+        load_model(cfg.model_copy(update={"path": str(tmp_path / "bad.safetensors")}))
+
+
+def test_torch_export_program_with_dynamic_sizes(tmp_path) -> None:
+    from torch.export import Dim, export
+
+    torch.manual_seed(2)
+    eager = UNet(1, 2, depth=2, width=4, padding="same").eval()
+    n = Dim("n", min=1, max=512)
+    h, w = Dim("h", min=2, max=256), Dim("w", min=2, max=256)
+    program = export(eager, (torch.rand(2, 1, 64, 64),), dynamic_shapes={"x": {0: n, 2: 4 * h, 3: 4 * w}})
+    torch.export.save(program, tmp_path / "unet.pt2")
+    cfg = ExportConfig(arch="export", path=str(tmp_path / "unet.pt2"), num_classes=2, halo=23, shift_period=4)
+    loaded = load_model(cfg)
+    geo = loaded.geometry
+    assert (geo.size_min, geo.size_step, geo.size_max, geo.trim) == (8, 4, 1024, 0)
+    x = torch.rand(3, 1, 96, 128)
+    torch.testing.assert_close(_logits(loaded.module, x), _logits(eager, x))
+
+
+def test_torch_export_program_with_a_fixed_shape(tmp_path) -> None:
+    from torch.export import export
+
+    eager = BoxFilterNet(2, np.array([[1], [-1]]))
+    torch.export.save(export(eager, (torch.rand(1, 1, 40, 40),)), tmp_path / "fixed.pt2")
+    cfg = ExportConfig(arch="export", path=str(tmp_path / "fixed.pt2"), num_classes=2, halo=2)
+    loaded = load_model(cfg)
+    assert (loaded.geometry.size_min, loaded.geometry.size_max) == (40, 40)
+    x = torch.randint(0, 9, (3, 1, 40, 40)).float()  # 3 tiles through a batch-1 program
+    assert torch.equal(_logits(loaded.module, x), _logits(eager, x))
+
+
+def test_custom_factory_with_kwargs_and_weights(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    trained = BoxFilterNet(1, np.array([[2, 0], [0, 3]]))
+    save_file(trained.state_dict(), tmp_path / "box.safetensors")
+    cfg = CustomConfig(
+        arch="custom",
+        factory="tests.helpers:BoxFilterNet",
+        kwargs={"radius": 1, "weight": [[1, 0], [0, 1]]},
+        path=str(tmp_path / "box.safetensors"),
+        num_classes=2,
+        in_channels=2,
+        halo=1,
+    )
+    loaded = load_model(cfg)
+    x = torch.randint(0, 9, (1, 2, 20, 20)).float()
+    assert torch.equal(_logits(loaded.module, x), _logits(trained, x))
+    with pytest.raises(ModelError, match="model.factory: cannot import 'tests.helpers:Nope'"):
+        load_model(cfg.model_copy(update={"factory": "tests.helpers:Nope"}))
+    with pytest.raises(ModelError, match="model.kwargs: tests.helpers:BoxFilterNet"):
+        load_model(cfg.model_copy(update={"kwargs": {"radius": 1}}))

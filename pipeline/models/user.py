@@ -1,0 +1,193 @@
+"""Models the pipeline cannot see into: TorchScript, torch.export programs, user callables.
+
+Their halo and shift period are declared in the workflow. One probe forward pass checks
+the class count and measures the border trim; a torch.export program's dynamic shapes
+give its legal input sizes when the workflow does not declare them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import CustomConfig, DeclaredGeometry, ExportConfig, TorchScriptConfig
+from ..errors import ModelError
+from ..tiling import NetworkGeometry
+from .weights import apply_state_dict, load_state_dict_file
+
+SizeRule = tuple[int, int, int | None]  # min, step, max
+
+
+def load_torchscript(cfg: TorchScriptConfig, device: str) -> nn.Module:
+    path = _existing(cfg.path)
+    try:
+        with warnings.catch_warnings():
+            # TorchScript is deprecated upstream, but it is what the user chose to give us.
+            warnings.filterwarnings("ignore", message=".*is deprecated", category=DeprecationWarning)
+            return torch.jit.load(path, map_location=device).eval()
+    except Exception as exc:
+        raise ModelError(f"model.path: {path} is not a TorchScript file: {_first_line(exc)}") from None
+
+
+def load_export(cfg: ExportConfig, device: str) -> tuple[nn.Module, SizeRule | None, int | None]:
+    """The program's module, its spatial size rule and its fixed batch size (if static)."""
+    path = _existing(cfg.path)
+    try:
+        program = torch.export.load(path)
+    except Exception as exc:
+        raise ModelError(
+            f"model.path: {path} is not a torch.export program (.pt2): {_first_line(exc)}"
+        ) from None
+    inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in _user_inputs(program)]
+    if len(inputs) != 1:
+        raise ModelError(f"model.path: {path}: expected a program with one input, got {len(inputs)}")
+    shape = inputs[0].meta["val"].shape
+    if len(shape) != 4:
+        raise ModelError(f"model.path: {path}: expected an (N, C, H, W) input, got {len(shape)} axes")
+    rules = [_size_rule(program, dim) for dim in shape[2:]]
+    if rules[0] != rules[1]:
+        raise ModelError(
+            f"model.path: {path}: height and width accept different sizes ({rules[0]} vs "
+            f"{rules[1]}); export with the same dynamic rule for both"
+        )
+    batch = shape[0] if isinstance(shape[0], int) else None
+    module = program.module().to(device)
+    return module, rules[0], batch
+
+
+def build_custom(cfg: CustomConfig) -> nn.Module:
+    """``package.module:callable(**kwargs)``, with the state dict at ``path`` if given."""
+    module_name, _, attr = cfg.factory.partition(":")
+    try:
+        factory: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(
+            f"model.factory: cannot import {cfg.factory!r} ({exc}); it must be importable on "
+            f"every worker (installed, or on PYTHONPATH)"
+        ) from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        try:
+            module = factory(**cfg.kwargs)
+        except Exception as exc:
+            raise ModelError(
+                f"model.kwargs: {cfg.factory}(**{cfg.kwargs}) failed: {_first_line(exc)}"
+            ) from None
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"model.factory: {cfg.factory} returned {type(module).__name__}, not an nn.Module")
+    if cfg.path is not None:
+        apply_state_dict(module, load_state_dict_file(cfg.path), cfg.path, cfg.factory)
+    return module.eval()
+
+
+def declared_geometry(
+    cfg: DeclaredGeometry, module: nn.Module, device: str, file_rule: SizeRule | None = None
+) -> NetworkGeometry:
+    """Declared halo and period; size rule declared, else from the file, else any size."""
+    size_min, size_step, size_max = file_rule or (1, 1, None)
+    size_min = cfg.size_min or size_min
+    size_step = cfg.size_step or size_step
+    size_max = cfg.size_max or size_max
+    trim = probe_trim(module, cfg, device, size_min, size_step, size_max)
+    if trim > cfg.halo:
+        raise ModelError(
+            f"model.halo: {cfg.halo} px is smaller than the {trim} px the model itself crops "
+            f"from each border (input - output) / 2; the halo must be at least {trim}"
+        )
+    name = Path(cfg.path).name if cfg.path else getattr(cfg, "factory", "model")
+    return NetworkGeometry(
+        halo=cfg.halo,
+        trim=trim,
+        shift_period=cfg.shift_period,
+        size_min=size_min,
+        size_step=size_step,
+        size_max=size_max,
+        name=f"{cfg.arch} model {name}",
+    )
+
+
+def probe_trim(
+    module: nn.Module, cfg: DeclaredGeometry, device: str, size_min: int, size_step: int, size_max: int | None
+) -> int:
+    """One forward pass on a small legal input: output channels and the border trim."""
+    size = size_min
+    while size < max(64, 2 * cfg.halo + 2 * cfg.shift_period + 1) and (size_max is None or size + size_step <= size_max):
+        size += size_step
+    x = torch.zeros(1, cfg.in_channels, size, size, device=device)
+    try:
+        with torch.inference_mode():
+            y = module(x)
+    except Exception as exc:
+        raise ModelError(
+            f"model.path: {cfg.path or cfg.arch} fails on a 1 x {cfg.in_channels} x {size} x {size} "
+            f"input (model.in_channels, size_min/size_step): {_first_line(exc)}"
+        ) from None
+    if not isinstance(y, torch.Tensor) or y.ndim != 4:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ModelError(f"model.path: {cfg.path}: expected a 4-D logits tensor (N, classes, H, W), got {got}")
+    if y.shape[1] != cfg.num_classes:
+        raise ModelError(
+            f"model.num_classes: {cfg.num_classes}, but {cfg.path or cfg.arch} outputs {y.shape[1]} channels"
+        )
+    dh, dw = size - y.shape[2], size - y.shape[3]
+    if dh != dw or dh < 0 or dh % 2:
+        raise ModelError(
+            f"model.path: {cfg.path}: a {size} x {size} input gave a {y.shape[2]} x {y.shape[3]} "
+            f"output; expected the same size or one smaller by an even border on both axes"
+        )
+    return dh // 2
+
+
+class FixedBatch(nn.Module):
+    """Runs a module exported for a fixed batch size on any number of tiles."""
+
+    def __init__(self, module: nn.Module, batch: int) -> None:
+        super().__init__()
+        self.module, self.batch = module, batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for start in range(0, x.shape[0], self.batch):
+            part = x[start : start + self.batch]
+            short = self.batch - part.shape[0]
+            if short:
+                part = torch.cat([part, part.new_zeros((short,) + part.shape[1:])])
+            outputs.append(self.module(part)[: self.batch - short])
+        return torch.cat(outputs)
+
+
+def _size_rule(program: Any, dim: Any) -> SizeRule:
+    if isinstance(dim, int):
+        return (dim, 1, dim)
+    expr = dim.node.expr
+    symbols = list(expr.free_symbols)
+    bounds = program.range_constraints.get(symbols[0]) if len(symbols) == 1 else None
+    if bounds is None:
+        raise ModelError(f"cannot read the legal input sizes ({expr}) of the exported program")
+    step = int(expr.coeff(symbols[0]))
+    lower = int(expr.subs(symbols[0], bounds.lower))
+    upper = expr.subs(symbols[0], bounds.upper)
+    size_max = int(upper) if upper.is_finite and int(upper) < 2**31 else None
+    return (lower, max(1, step), size_max)
+
+
+def _user_inputs(program: Any) -> set[str]:
+    return set(program.graph_signature.user_inputs)
+
+
+def _existing(path: str | None) -> str:
+    if path is None or not Path(path).is_file():
+        raise ModelError(f"model.path: file not found: {path}")
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
