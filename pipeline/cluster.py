@@ -39,17 +39,32 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def cluster_shape(cfg: ClusterConfig) -> ClusterShape:
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def cluster_shape(cfg: ClusterConfig, device: str = "auto") -> ClusterShape:
+    """Workers and threads: one worker per core, or one per GPU with two threads each.
+
+    On GPUs the second thread reads and normalises the next block while the first one's
+    batch runs, so the GPU does not wait for I/O.
+    """
     cores = available_cores()
-    threads = cfg.threads_per_worker
-    workers = max(1, cores // threads) if cfg.n_workers == "auto" else int(cfg.n_workers)
+    gpus = 0 if device == "cpu" else gpu_count()
+    threads = (2 if gpus else 1) if cfg.threads_per_worker == "auto" else int(cfg.threads_per_worker)
+    if cfg.n_workers != "auto":
+        workers = int(cfg.n_workers)
+    else:
+        workers = gpus if gpus and not device.startswith("cuda:") else max(1, cores // threads)
     return ClusterShape(workers, threads, max(1, cores // (workers * threads)))
 
 
 @contextmanager
-def connect(cfg: ClusterConfig) -> Iterator[Client]:
+def connect(cfg: ClusterConfig, device: str = "auto") -> Iterator[Client]:
     """A client for the configured cluster, closed (and the cluster stopped) on exit."""
-    shape = cluster_shape(cfg)
+    shape = cluster_shape(cfg, device)
     cluster = LocalCluster(
         n_workers=shape.n_workers,
         threads_per_worker=shape.threads_per_worker,

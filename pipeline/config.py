@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     PlainValidator,
     PrivateAttr,
     ValidationError,
@@ -92,7 +93,9 @@ def _device(value: object) -> str:
     raise ValueError("one of auto, cpu, cuda, cuda:N")
 
 
-FloatOrList = Annotated[float | tuple[float, ...], PlainValidator(_float_or_list)]
+# Plain validators lose pydantic's own serialisation of unions of tuples: say it here.
+_TupleAsList = PlainSerializer(lambda v: list(v) if isinstance(v, tuple) else v, return_type=Any)
+FloatOrList = Annotated[float | tuple[float, ...], PlainValidator(_float_or_list), _TupleAsList]
 
 
 class Section(BaseModel):
@@ -104,7 +107,7 @@ class InputConfig(Section):
     channel_axis: int | None = Field(
         default=None, description="index of the channel axis of a multi-channel image"
     )
-    channels: Annotated[tuple[int, ...] | None, PlainValidator(_channel_list)] = Field(
+    channels: Annotated[tuple[int, ...] | None, PlainValidator(_channel_list), _TupleAsList] = Field(
         default=None, description="channels to use, in the order the model expects"
     )
 
@@ -119,7 +122,9 @@ class NormalizeConfig(Section):
 
     mean: FloatOrList | None = None
     std: FloatOrList | None = None
-    percentiles: Annotated[tuple[float, float] | None, PlainValidator(_percentiles)] = None
+    percentiles: Annotated[
+        tuple[float, float] | None, PlainValidator(_percentiles), _TupleAsList
+    ] = None
 
     @field_validator("std")
     @classmethod
@@ -227,8 +232,21 @@ class TilingConfig(Section):
 
 
 class InferenceConfig(Section):
+    """Where and how the network runs; none of it changes which tile owns which pixel."""
+
     device: Annotated[str, PlainValidator(_device)] = "auto"
-    batch_size: int = Field(default=1, ge=1, description="tiles per forward pass and per task")
+    batch_size: _int_or_auto(1) = Field(  # type: ignore[valid-type]
+        default=1, description="tiles per forward pass and per task; auto: from free GPU memory"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="autocast precision of the forward pass; argmax in fp32"
+    )
+    channels_last: bool | Literal["auto"] = Field(
+        default="auto", description="NHWC memory format; auto: on CUDA devices"
+    )
+    tta: Literal["none", "flips", "d4"] = Field(
+        default="none", description="test-time augmentation: averaged logits of flips (4) or flips and 90-degree rotations (8)"
+    )
 
 
 class OutputConfig(Section):
@@ -244,7 +262,7 @@ class EvaluationConfig(Section):
 class ClusterConfig(Section):
     kind: Literal["local"] = "local"
     n_workers: _int_or_auto(1) = "auto"  # type: ignore[valid-type]
-    threads_per_worker: int = Field(default=1, ge=1)
+    threads_per_worker: _int_or_auto(1) = "auto"  # type: ignore[valid-type]
 
 
 class Workflow(Section):

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ModelConfig, NormalizeConfig
+from .config import InferenceConfig, ModelConfig, NormalizeConfig
 from .io.images import ImageSpec, open_image
 from .io.labels import write_block
 from .mirror import read_mirrored
-from .models.loading import LoadedModel, load_model
+from .models.loading import load_model
+from .runtime import Runtime, choose_batch_size, forward, prepare_module
 from .tiling import Block, TilePlan
 
 
@@ -38,7 +39,7 @@ class InferenceSpec:
     output_path: str
     run_id: str
     label_dtype: str
-    device: str = "auto"
+    inference: InferenceConfig = InferenceConfig()
     torch_threads: int | None = None
 
 
@@ -54,11 +55,12 @@ def run_block(index: tuple[int, ...], spec: InferenceSpec) -> BlockResult:
     """The Dask task for one output block. Idempotent: a rerun writes the same chunk."""
     start = time.perf_counter()
     block = spec.plan.block(index)
-    model = cached_model(spec.model, spec.device, spec.torch_threads)
+    runtime = Runtime.from_config(spec.inference, worker_index())
+    module = cached_module(spec.model, runtime, spec.torch_threads)
     image = open_image(spec.image)
     raw = image.read_box(block.read, spec.plan.mirror)
     x = normalise(raw, spec.normalize)
-    labels = predict_block(x, block, spec.plan, model.module, output="labels")
+    labels = predict_block(x, block, spec.plan, module, runtime, output="labels")
     write_block(spec.output_path, spec.run_id, block.write, labels.astype(spec.label_dtype))
     return BlockResult(block.index, block.write.size, len(block.tiles), time.perf_counter() - start)
 
@@ -92,15 +94,16 @@ def predict_block(
     block: Block,
     plan: TilePlan,
     module: nn.Module,
+    runtime: Runtime | None = None,
     output: Literal["labels", "logits"] = "labels",
 ) -> np.ndarray:
     """Predict ``block.write`` from ``x``, the normalised ``(C, *block.read.shape)`` input.
 
     Tiles of equal read shape go through the network together, one batch each. Each tile's
     output is cropped to its write box (clipped to the image): stitching is cropping.
-    Returns labels ``(*block.write.shape)`` or logits ``(K, *block.write.shape)``.
+    Returns labels ``(*block.write.shape)`` or fp32 logits ``(K, *block.write.shape)``.
     """
-    device = next(_parameters_or_buffers(module)).device
+    runtime = runtime or Runtime()
     trim = plan.geometry.trim
     result: np.ndarray | None = None
     groups: dict[tuple[int, ...], list] = defaultdict(list)
@@ -110,54 +113,59 @@ def predict_block(
         batch = np.stack(
             [x[(slice(None),) + t.read.relative_to(block.read.offset).slices()] for t in tiles]
         )
-        with torch.inference_mode():
-            logits = module(torch.from_numpy(batch).to(device))
-            for tile, tile_logits in zip(tiles, logits):
-                keep = tile.write.intersect(block.write)
-                if keep.empty:
-                    continue
-                out_origin = tuple(o + trim for o in tile.read.offset)
-                crop = (slice(None),) + keep.relative_to(out_origin).slices()
-                piece = tile_logits[crop]
-                piece = piece.argmax(dim=0) if output == "labels" else piece.float()
-                piece_np = piece.cpu().numpy()
-                if result is None:
-                    lead = piece_np.shape[:-block.write.ndim]
-                    result = np.zeros(lead + block.write.shape, dtype=piece_np.dtype)
-                dest = keep.relative_to(block.write.offset).slices()
-                result[(Ellipsis,) + dest] = piece_np
+        logits = forward(module, batch, runtime)
+        for tile, tile_logits in zip(tiles, logits):
+            keep = tile.write.intersect(block.write)
+            if keep.empty:
+                continue
+            out_origin = tuple(o + trim for o in tile.read.offset)
+            piece = tile_logits[(slice(None),) + keep.relative_to(out_origin).slices()]
+            piece_np = (piece.argmax(dim=0) if output == "labels" else piece).cpu().numpy()
+            if result is None:
+                lead = piece_np.shape[: piece_np.ndim - block.write.ndim]
+                result = np.zeros(lead + block.write.shape, dtype=piece_np.dtype)
+            result[(Ellipsis,) + keep.relative_to(block.write.offset).slices()] = piece_np
     if result is None:
         raise ValueError(f"block {block.index} has no tiles inside the image")
     return result
 
 
-def _parameters_or_buffers(module: nn.Module):
-    yield from module.parameters()
-    yield from module.buffers()
-    yield torch.empty(0)  # a parameter-free module runs on the CPU
+def measure_batch_size(
+    cfg: ModelConfig, inference: InferenceConfig, read_shape: tuple[int, ...]
+) -> int:
+    """On a worker: tiles per forward pass that fit its device's free memory (1 on CPUs)."""
+    runtime = Runtime.from_config(inference, worker_index())
+    module = cached_module(cfg, runtime, None)
+    return choose_batch_size(module, runtime, read_shape, cfg.in_channels)
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+def worker_index() -> int | None:
+    """This Dask worker's index (its name on a local cluster), or None outside a worker."""
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return None
+    return name if isinstance(name, int) else None
 
 
 _MODEL_LOCK = threading.Lock()
-_MODELS: dict[tuple, LoadedModel] = {}
+_MODULES: dict[tuple, nn.Module] = {}
 
 
-def cached_model(cfg: ModelConfig, device: str, torch_threads: int | None) -> LoadedModel:
+def cached_module(cfg: ModelConfig, runtime: Runtime, torch_threads: int | None) -> nn.Module:
     """Load the model once per worker process (threads share it; eval mode, no grad)."""
     mtime = Path(cfg.path).stat().st_mtime if cfg.path else None
-    key = (cfg.model_dump_json(), device, mtime)
+    key = (cfg.model_dump_json(), runtime, mtime)
     with _MODEL_LOCK:
-        if key not in _MODELS:
+        if key not in _MODULES:
             if torch_threads:
                 torch.set_num_threads(torch_threads)
-            _MODELS.clear()  # one model per worker process at a time
-            _MODELS[key] = load_model(cfg, resolve_device(device), with_digest=False)
-        return _MODELS[key]
+            _MODULES.clear()  # one model per worker process at a time
+            loaded = load_model(cfg, runtime.device, with_digest=False)
+            _MODULES[key] = prepare_module(loaded.module, runtime)
+        return _MODULES[key]
 
 
 def predict_image(
@@ -166,6 +174,7 @@ def predict_image(
     plan: TilePlan,
     normalize: NormalizeConfig | None = None,
     output: Literal["labels", "logits"] = "labels",
+    runtime: Runtime | None = None,
 ) -> np.ndarray:
     """Tiled prediction of an in-memory ``(C, *spatial)`` image, block by block.
 
@@ -180,7 +189,7 @@ def predict_image(
             lambda s: image[(slice(None),) + s], block.read, plan.image_shape, plan.mirror
         )
         x = normalise(raw, normalize or NormalizeConfig())
-        piece = predict_block(x, block, plan, module, output)
+        piece = predict_block(x, block, plan, module, runtime, output)
         if result is None:
             lead = piece.shape[: piece.ndim - len(plan.image_shape)]
             result = np.zeros(lead + plan.image_shape, piece.dtype)

@@ -87,18 +87,8 @@ def _prepare(wf: Workflow) -> Prepared:
             )
     model = load_model(cfg, "cpu")
     check_declared_halo(model, cfg)
-    act = model.activation_bytes_per_pixel or 0.0
-    bytes_per_read_pixel = 4.0 * (image.channels + cfg.num_classes) + act
-    plan = plan_tiles(
-        image.shape,
-        model.geometry,
-        tile=None if wf.tiling.tile == "auto" else int(wf.tiling.tile),
-        mirror=wf.tiling.mirror,
-        batch_size=wf.inference.batch_size,
-        halo=None if isinstance(cfg, DeclaredGeometry) or cfg.halo == "auto" else int(cfg.halo),
-        bytes_per_read_pixel=bytes_per_read_pixel,
-        memory_budget=MEMORY_BUDGET,
-    )
+    batch = 1 if wf.inference.batch_size == "auto" else int(wf.inference.batch_size)
+    plan = make_plan(wf, image, model, batch)
     truth = None
     if wf.evaluation is not None:
         truth = open_image(truth_spec(wf))
@@ -121,7 +111,25 @@ def _prepare(wf: Workflow) -> Prepared:
             f"({' x '.join(map(str, image.chunks))} px): every read decodes whole segments; "
             f"a tiled TIFF (e.g. tifffile.imwrite(..., tile=(512, 512))) or zarr reads faster"
         )
-    return Prepared(wf, image, model, plan, cluster_shape(wf.cluster), truth, tuple(notes))
+    return Prepared(
+        wf, image, model, plan, cluster_shape(wf.cluster, wf.inference.device), truth, tuple(notes)
+    )
+
+
+def make_plan(wf: Workflow, image: ImageReader, model: LoadedModel, batch_size: int) -> TilePlan:
+    """The tile plan of a workflow for a given batch size (tiles per block)."""
+    cfg = wf.model
+    act = model.activation_bytes_per_pixel or 0.0
+    return plan_tiles(
+        image.shape,
+        model.geometry,
+        tile=None if wf.tiling.tile == "auto" else int(wf.tiling.tile),
+        mirror=wf.tiling.mirror,
+        batch_size=batch_size,
+        halo=None if isinstance(cfg, DeclaredGeometry) or cfg.halo == "auto" else int(cfg.halo),
+        bytes_per_read_pixel=4.0 * (image.channels + cfg.num_classes) + act,
+        memory_budget=MEMORY_BUDGET,
+    )
 
 
 def describe_plan(p: Prepared) -> str:
@@ -157,7 +165,10 @@ def describe_plan(p: Prepared) -> str:
         f"borders    mirrored ({plan.mirror}): {plan.context} px before the first row/column, "
         f"{' / '.join(map(str, far))} px after the last (rows / columns)",
         f"tasks      {' x '.join(map(str, plan.grid))} = {plan.n_blocks} blocks, "
-        f"{'x'.join(map(str, plan.block_tiles))} tiles each (one forward pass per block)",
+        f"{'x'.join(map(str, plan.block_tiles))} tiles each (one forward pass per block)"
+        + (", batch size auto: chosen from free GPU memory at run start" if wf.inference.batch_size == "auto" else ""),
+        f"runtime    device {wf.inference.device}, {wf.inference.precision}, "
+        f"channels_last {wf.inference.channels_last}, test-time augmentation {wf.inference.tta}",
         f"memory     ~{format_bytes(estimate_task_bytes(p))} per task"
         + ("" if p.model.activation_bytes_per_pixel else " + model activations (unknown for a model declared by file)"),
         f"output     {wf.output.path} ({p.label_dtype}, chunks "

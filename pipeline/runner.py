@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
 import numpy as np
@@ -15,7 +15,7 @@ from .cluster import connect
 from .config import NormalizeConfig, Workflow
 from .errors import ExecutionError, PipelineError
 from .evaluation import evaluate_paths
-from .inference import InferenceSpec, run_block
+from .inference import InferenceSpec, measure_batch_size, run_block
 from .io.images import ImageSpec
 from .io.labels import create_label_volume, mark_complete
 from .metrics import Scores
@@ -25,6 +25,7 @@ from .planning import (
     describe_normalization,
     describe_plan,
     input_spec,
+    make_plan,
     prepare,
     truth_spec,
 )
@@ -50,7 +51,12 @@ def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> R
     print(describe_plan(prepared), file=out, flush=True)
     image = input_spec(wf)
     scores = None
-    with connect(wf.cluster) as client:
+    with connect(wf.cluster, wf.inference.device) as client:
+        if wf.inference.batch_size == "auto":
+            batch = client.submit(measure_batch_size, wf.model, wf.inference, plan.read_shape, pure=False).result()
+            prepared = replace(prepared, plan=make_plan(wf, prepared.image, prepared.model, batch))
+            plan = prepared.plan
+            print(f"batch      {batch} tiles per forward pass (from free device memory)", file=out, flush=True)
         normalize = resolve_normalization(wf.model.normalize, image)
         if not wf.model.normalize.fixed:
             print(f"normalise  resolved: {describe_normalization(normalize)}", file=out, flush=True)
@@ -70,7 +76,7 @@ def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> R
             output_path=wf.output.path,
             run_id=run_id,
             label_dtype=str(prepared.label_dtype),
-            device=wf.inference.device,
+            inference=wf.inference,
             torch_threads=prepared.cluster.torch_threads,
         )
         compute_seconds = _predict_all(client, spec, prepared, err)

@@ -106,3 +106,37 @@ def test_ground_truth_with_unknown_classes_is_an_error_after_complete_labels(tmp
         run(wf)
     assert open_label_volume(str(tmp_path / "out" / "labels.zarr")).shape == (60, 60)
     assert not (tmp_path / "out" / "labels.evaluation.json").exists()
+
+
+def test_channel_selection_and_whole_image_percentiles(tmp_path) -> None:
+    """The model sees channels [2, 0], scaled by percentiles of the whole image, not per tile."""
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 4096, (150, 130, 3)).astype(np.uint16)
+    image[:75] //= 8  # darker top half: per-tile statistics would differ between tiles
+    tifffile.imwrite(tmp_path / "img.tif", image, photometric="rgb", tile=(32, 32))
+    weight = np.array([[1, -1], [-1, 1]])
+    torch.jit.save(torch.jit.script(BoxFilterNet(2, weight)), tmp_path / "box.pt")
+    wf = _workflow(
+        tmp_path,
+        input={"channels": [2, 0]},
+        model={"num_classes": 2, "in_channels": 2, "halo": 2, "normalize": {"percentiles": [2, 98]}},
+        tiling={"tile": 40, "mirror": "reflect"},
+        inference={"batch_size": 2},
+        cluster={"n_workers": 1},
+    )
+    result = run(wf)
+
+    selected = np.moveaxis(image[..., [2, 0]], -1, 0).astype(np.float64)
+    low = np.percentile(selected.reshape(2, -1), 2, axis=1)
+    high = np.percentile(selected.reshape(2, -1), 98, axis=1)
+    provenance = zarr.open_group(result.output_path, mode="r").attrs["pipeline"]["normalization"]
+    np.testing.assert_allclose(provenance["mean"], low)
+    np.testing.assert_allclose(provenance["std"], high - low)
+    scaled = (selected - low[:, None, None]) / (high - low)[:, None, None]
+    padded = np.pad(scaled, ((0, 0), (2, 2), (2, 2)), mode="reflect")
+    box = np.lib.stride_tricks.sliding_window_view(padded, (5, 5), axis=(1, 2)).sum(axis=(-1, -2))
+    logits = np.einsum("kc,chw->khw", weight, box)
+    decided = np.abs(logits[0] - logits[1]) > 1e-3
+    labels = open_label_volume(result.output_path)[:]
+    np.testing.assert_array_equal(labels[decided], logits.argmax(0)[decided])
+    assert decided.mean() > 0.99
