@@ -25,6 +25,8 @@ from ..geometry import Box
 from ..mirror import MirrorMode, read_mirrored
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".gtif")
+# Formats without random access: read whole (by Pillow), so for images that fit in memory.
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class ImageSpec:
 class ImageReader:
     """A lazily read image: ``shape`` is spatial, ``channels`` the channel count."""
 
-    def __init__(self, spec: ImageSpec, array: zarr.Array | _MemmapArray, keepalive: object = None) -> None:
+    def __init__(self, spec: ImageSpec, array: zarr.Array | _InMemoryArray, keepalive: object = None) -> None:
         self.spec = spec
         self._array = array
         self._keepalive = keepalive  # the open TIFF file behind the store
@@ -127,19 +129,36 @@ def _mtime(spec: ImageSpec) -> float:
         raise InputImageError(f"{spec.field}: file not found: {spec.path}") from None
 
 
-def _open_array(spec: ImageSpec) -> tuple[zarr.Array | _MemmapArray, object]:
+def _open_array(spec: ImageSpec) -> tuple[zarr.Array | _InMemoryArray, object]:
     path = Path(spec.path)
     if path.is_dir():
         return _open_zarr(spec), None
     if path.suffix.lower() in TIFF_SUFFIXES:
         return _open_tiff(spec)
+    if path.suffix.lower() in PILLOW_SUFFIXES:
+        return _open_pillow(spec), None
     raise InputImageError(
         f"{spec.field}: {spec.path}: unsupported image format {path.suffix or '(no suffix)'!r}; "
-        f"expected a TIFF file ({', '.join(TIFF_SUFFIXES)}) or a zarr array folder"
+        f"expected a TIFF file ({', '.join(TIFF_SUFFIXES)}), a zarr array folder, or a small "
+        f"image ({', '.join(PILLOW_SUFFIXES)})"
     )
 
 
-def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array | _MemmapArray, object]:
+def _open_pillow(spec: ImageSpec) -> _InMemoryArray:
+    """PNG/JPEG/BMP, decoded whole; palette images become RGB (their indices mean nothing)."""
+    from PIL import Image
+
+    try:
+        with Image.open(spec.path) as img:
+            if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+                img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+            data = np.asarray(img)
+    except Exception as exc:
+        raise InputImageError(f"{spec.field}: {spec.path} is not a readable image: {exc}") from None
+    return _InMemoryArray(data)
+
+
+def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array | _InMemoryArray, object]:
     try:
         tif = tifffile.TiffFile(spec.path)
     except Exception as exc:
@@ -151,7 +170,7 @@ def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array | _MemmapArray, object]:
         if series.dataoffset is not None and not series.is_multifile:
             # Uncompressed and contiguous: a memory map reads only the pages a region needs,
             # where the zarr view would decode whole strips (often one strip = the image).
-            array = _MemmapArray(tifffile.memmap(spec.path, series=0, mode="r"))
+            array = _InMemoryArray(tifffile.memmap(spec.path, series=0, mode="r"))
         else:
             array = zarr.open_array(series.aszarr(level=0), mode="r")
     except InputImageError:
@@ -163,18 +182,18 @@ def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array | _MemmapArray, object]:
     return array, tif
 
 
-class _MemmapArray:
-    """A read-only memory map with the array interface the reader uses (and nominal chunks)."""
+class _InMemoryArray:
+    """A NumPy or memory-mapped array with the interface the reader uses (nominal chunks)."""
 
     CHUNK = 1024
 
-    def __init__(self, mm: np.memmap) -> None:
-        self._mm = mm
-        self.shape, self.dtype, self.ndim = mm.shape, mm.dtype, mm.ndim
-        self.chunks = tuple(min(n, self.CHUNK) for n in mm.shape)
+    def __init__(self, data: np.ndarray) -> None:
+        self._data = data
+        self.shape, self.dtype, self.ndim = data.shape, data.dtype, data.ndim
+        self.chunks = tuple(min(n, self.CHUNK) for n in data.shape)
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
-        return np.array(self._mm[index])
+        return np.array(self._data[index])
 
 
 def _open_zarr(spec: ImageSpec) -> zarr.Array:

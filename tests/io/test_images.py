@@ -60,8 +60,11 @@ def test_errors_name_the_field_and_file(tmp_path) -> None:
     (tmp_path / "bad.tif").write_bytes(b"this is not a tiff")
     with pytest.raises(InputImageError, match=r"input.path: .*bad.tif is not a readable TIFF"):
         open_image(ImageSpec(str(tmp_path / "bad.tif")))
+    (tmp_path / "x.webp").write_bytes(b"webp")
+    with pytest.raises(InputImageError, match="unsupported image format '.webp'"):
+        open_image(ImageSpec(str(tmp_path / "x.webp")))
     (tmp_path / "x.png").write_bytes(b"png")
-    with pytest.raises(InputImageError, match="unsupported image format '.png'"):
+    with pytest.raises(InputImageError, match=r"x.png is not a readable image"):
         open_image(ImageSpec(str(tmp_path / "x.png")))
 
 
@@ -82,3 +85,25 @@ def test_single_strip_tiff_reads_the_same(tmp_path, rng, compression) -> None:
     np.testing.assert_array_equal(reader.read((slice(1090, 1100), slice(7, 9)))[0], data[1090:, 7:9])
     # a memory map reads any region; a compressed strip is one 1100 x 1030 segment
     assert reader.chunks == ((1100, 1030) if compression else (1024, 1024))
+
+
+def test_png_images_and_palette_masks(tmp_path) -> None:
+    from PIL import Image
+
+    grey = np.arange(30 * 40, dtype=np.uint8).reshape(30, 40)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    reader = open_image(ImageSpec(str(tmp_path / "g.png")))
+    np.testing.assert_array_equal(reader.read((slice(0, 30), slice(0, 40)))[0], grey)
+    rgb = np.zeros((10, 12, 3), np.uint8)
+    rgb[:5] = (60, 16, 152)
+    palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    palette.save(tmp_path / "p.png")
+    reader = open_image(ImageSpec(str(tmp_path / "p.png"), channel_axis=2))
+    assert reader.channels == 3
+    np.testing.assert_array_equal(np.moveaxis(reader.read((slice(0, 10), slice(0, 12))), 0, -1), rgb)
+
+
+def test_real_isbi_png_slice() -> None:
+    path = shared_data("microscopy", "isbi2012_em_membranes", "images", "0.png")
+    reader = open_image(ImageSpec(str(path)))
+    assert reader.shape == (512, 512) and reader.dtype == np.uint8
