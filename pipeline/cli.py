@@ -59,31 +59,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_paths
-    from .io.images import ImageSpec
-    from .report import class_names, format_table, scores_to_dict, write_json
+    from .evaluate_command import evaluate_command
 
-    if args.num_classes < 1:
-        raise PipelineError(f"--num-classes: expected an integer >= 1, got {args.num_classes}")
-    scores = evaluate_paths(
-        ImageSpec(args.prediction, None, "prediction"),
-        ImageSpec(args.ground_truth, None, "ground truth"),
-        args.num_classes,
-        args.ignore_index,
-    )
-    names = class_names(args.num_classes)
-    print(format_table(scores, names))
-    if args.json:
-        document = {
-            "prediction": args.prediction,
-            "ground_truth": args.ground_truth,
-            "num_classes": args.num_classes,
-            "ignore_index": args.ignore_index,
-            **scores_to_dict(scores, names),
-        }
-        write_json(args.json, document)
-        print(f"report: {args.json}")
-    return 0
+    return evaluate_command(args)
 
 
 def _demo_data(args: argparse.Namespace) -> int:
@@ -113,14 +91,32 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "evaluate",
-        help="IoU statistics of a label image against ground truth",
-        description="Confusion matrix, per-class IoU, mIoU, Dice and pixel accuracy.",
+        help="IoU statistics of label images against ground truth",
+        description=(
+            "Exact dataset-level statistics (confusion matrix summed over chunks): per-class "
+            "IoU, Dice, precision, recall; mIoU, frequency-weighted IoU, pixel accuracy, mean "
+            "class accuracy. PREDICTION and GROUND_TRUTH are label images (zarr, TIFF, PNG), "
+            "folders or globs of them, paired by relative path without suffix."
+        ),
     )
-    ev.add_argument("prediction", help="label volume written by `pipeline run`, TIFF or zarr")
-    ev.add_argument("ground_truth", help="ground-truth label image (TIFF or zarr)")
-    ev.add_argument("--num-classes", type=int, required=True)
-    ev.add_argument("--ignore-index", type=int, default=None)
-    ev.add_argument("--json", default=None, help="also write the report here")
+    ev.add_argument("prediction", help="label volume written by `pipeline run`, label image, folder or glob")
+    ev.add_argument("ground_truth", help="ground-truth label image, folder or glob")
+    ev.add_argument("--num-classes", type=int, default=None, help="default: from the encoding, else the largest id + 1")
+    ev.add_argument("--ignore-index", type=int, default=None, help="truth value not counted")
+    ev.add_argument("--ignore-mask", default=None, help="label image(s), nonzero = not counted")
+    ev.add_argument("--encoding", choices=["indices", "binary", "palette"], default="indices")
+    ev.add_argument("--classes", default=None, help="YAML/JSON list of {name, colour} in class-id order")
+    ev.add_argument("--ignore-colour", action="append", default=[], help="palette colour not counted (repeatable)")
+    ev.add_argument("--absent", choices=["exclude", "nan"], default="exclude", help="absent-class policy of the means")
+    ev.add_argument("--regions", type=int, default=None, help="per-region breakdown on a grid of this cell size")
+    ev.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for a mIoU interval")
+    ev.add_argument("--confidence", type=float, default=0.95)
+    ev.add_argument("--json", default=None, help="write the JSON report here")
+    ev.add_argument("--csv", default=None, help="write per-class statistics here")
+    ev.add_argument("--heatmap", default=None, help="write the confusion heatmap PNG here")
+    ev.add_argument("--preview", default=None, help="write the overlay preview PNG of the first pair here")
+    ev.add_argument("--image", default=None, help="the input image, for the preview")
+    ev.add_argument("--image-channel-axis", type=int, default=None)
     ev.set_defaults(handler=_evaluate)
 
     demo = sub.add_parser(

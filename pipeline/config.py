@@ -87,6 +87,16 @@ def _percentiles(value: object) -> tuple[float, float] | None:
     raise ValueError("two percentiles [low, high] with 0 <= low < high <= 100, e.g. [1, 99.8]")
 
 
+def _colour(value: object) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    from .encodings import parse_colour
+
+    if isinstance(value, (str, list, tuple)):
+        return parse_colour(value)  # raises ValueError with the expected form
+    raise ValueError("a colour like '#8429F6' or [132, 41, 246]")
+
+
 def _device(value: object) -> str:
     if isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         return value
@@ -254,9 +264,40 @@ class OutputConfig(Section):
     overwrite: bool = False
 
 
+class ClassConfig(Section):
+    name: str
+    colour: Annotated[tuple[int, int, int] | None, PlainValidator(_colour), _TupleAsList] = None
+
+
 class EvaluationConfig(Section):
+    """Ground truth and how to compare with it (see pipeline/metrics.py for definitions)."""
+
     ground_truth: str
     ignore_index: int | None = Field(default=None, ge=0)
+    ignore_mask: str | None = Field(default=None, description="label image; nonzero = not counted")
+    encoding: Literal["indices", "binary", "palette"] = "indices"
+    classes: list[ClassConfig] | None = Field(
+        default=None, description="class names in id order; with colours for palette encoding"
+    )
+    ignore_colours: list[Annotated[tuple[int, int, int], PlainValidator(_colour), _TupleAsList]] = Field(
+        default_factory=list
+    )
+    absent_classes: Literal["exclude", "nan"] = "exclude"
+    regions: int | None = Field(default=None, ge=1, description="grid cell edge for a per-region breakdown")
+    bootstrap: int = Field(default=0, ge=0, description="bootstrap resamples of mIoU over regions")
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _palette_has_colours(self) -> EvaluationConfig:
+        if self.encoding == "palette":
+            if not self.classes or any(c.colour is None for c in self.classes):
+                raise ValueError("classes with a colour each for encoding: palette")
+            colours = [c.colour for c in self.classes]
+            if len(set(colours)) != len(colours):
+                raise ValueError("distinct colours, one per class")
+        if self.bootstrap and self.regions is None:
+            raise ValueError("regions (the units to resample) when bootstrap is set")
+        return self
 
 
 class ClusterConfig(Section):
@@ -327,7 +368,7 @@ def _resolve_paths(wf: Workflow, base: Path, source: str) -> Workflow:
             "input": fix(wf.input, "path"),
             "model": fix(wf.model, "path"),
             "output": fix(wf.output, "path"),
-            "evaluation": fix(wf.evaluation, "ground_truth"),
+            "evaluation": fix(fix(wf.evaluation, "ground_truth"), "ignore_mask"),
         }
     )
     resolved._source = source

@@ -1,19 +1,85 @@
-"""Dataset-level statistics of a label volume against ground truth, chunk by chunk on Dask.
+"""Dataset-level statistics of predictions against ground truth, chunk by chunk on Dask.
 
-Each chunk pair gives a ``(K, K)`` confusion matrix (:func:`metrics.confusion_matrix`);
-Dask sums them in a tree. Memory is one chunk pair per task whatever the image size, and
-the result is exact: the same counts as one whole-image computation.
+Each chunk pair is decoded (class ids, palette colours, binary masks) and gives a ``(K, K)``
+confusion matrix (:func:`metrics.confusion_matrix`); Dask sums them in a tree. Memory is
+one chunk pair per task whatever the image size, and the counts are exact: the same as
+one whole-image computation. With ``region`` set, chunks are the grid cells of a
+per-region breakdown and their matrices are kept.
+
+Several images (folders or globs) are paired by their path relative to the folder (or the
+glob's fixed prefix) without the suffix: ``pred/a/x.tif`` pairs with ``truth/a/x.png``.
 """
 
 from __future__ import annotations
 
+import glob as globlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
 import dask.array as da
 import numpy as np
 
+from .encodings import EncodingError, LabelEncoding, decode
 from .errors import EvaluationError
-from .io.images import ImageSpec, as_dask_labels
+from .io.images import PILLOW_SUFFIXES, TIFF_SUFFIXES, ImageSpec, as_dask_array
 from .io.labels import is_label_volume, open_label_volume
-from .metrics import ClassIdError, Scores, confusion_matrix, scores_from_confusion
+from .metrics import AbsentPolicy, ClassIdError, confusion_matrix
+
+IMAGE_SUFFIXES = TIFF_SUFFIXES + PILLOW_SUFFIXES + (".zarr",)
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """How to compare: classes, encoding of the labels, what to ignore, what to report."""
+
+    num_classes: int
+    ignore_index: int | None = None
+    encoding: LabelEncoding = LabelEncoding()
+    absent: AbsentPolicy = "exclude"
+    region: int | None = None
+    class_names: tuple[str, ...] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.class_names or [f"class {k}" for k in range(self.num_classes)])
+
+
+@dataclass(frozen=True)
+class LabelPair:
+    name: str
+    prediction: ImageSpec
+    truth: ImageSpec
+    ignore_mask: ImageSpec | None = None
+
+
+@dataclass
+class PairResult:
+    pair: LabelPair
+    confusion: np.ndarray
+    shape: tuple[int, ...]
+    regions: np.ndarray | None = field(default=None, repr=False)  # (rows, cols, K, K)
+
+
+def evaluate_pairs(pairs: list[LabelPair], spec: EvaluationSpec) -> list[PairResult]:
+    """Confusion matrices of every pair, computed together in one Dask graph."""
+    lazy, shapes = [], []
+    for pair in pairs:
+        blocks, shape = _block_confusions(pair, spec)
+        shapes.append(shape)
+        lazy.append(blocks if spec.region else blocks.sum(axis=(0, 1), dtype=np.int64))
+    try:
+        computed = dask.compute(*lazy)
+    except (ClassIdError, EncodingError) as exc:  # raised where no block location is known
+        raise EvaluationError(str(exc)) from None
+    results = []
+    for pair, shape, value in zip(pairs, shapes, computed):
+        value = np.asarray(value, dtype=np.int64)
+        if spec.region:
+            results.append(PairResult(pair, value.sum(axis=(0, 1)), shape, value))
+        else:
+            results.append(PairResult(pair, value, shape))
+    return results
 
 
 def confusion_matrix_dask(
@@ -23,88 +89,177 @@ def confusion_matrix_dask(
     ignore_index: int | None = None,
     names: tuple[str, str] = ("ground truth", "prediction"),
 ) -> np.ndarray:
-    """Exact ``(K, K)`` int64 confusion matrix of two equally shaped Dask arrays."""
-    if truth.shape != pred.shape:
-        raise EvaluationError(
-            f"{names[0]} has shape {truth.shape}, but {names[1]} has shape {pred.shape}; "
-            f"expected the same shape"
-        )
-    if truth.chunks != pred.chunks:
-        truth = truth.rechunk(pred.chunks)
-    ndim = pred.ndim
-    per_block = da.map_blocks(
+    """Exact ``(K, K)`` int64 confusion matrix of two equally shaped Dask arrays of class ids."""
+    _check_shapes(truth.shape, pred.shape, names)
+    spec = EvaluationSpec(num_classes, ignore_index)
+    blocks = _confusion_blocks(truth[None], pred.rechunk(truth.chunks)[None], None, spec, spec.encoding, names)
+    return blocks.sum(axis=(0, 1), dtype=np.int64).compute()
+
+
+def _block_confusions(pair: LabelPair, spec: EvaluationSpec) -> tuple[da.Array, tuple[int, ...]]:
+    if is_label_volume(pair.prediction.path):
+        pred = da.from_zarr(open_label_volume(pair.prediction.path))[None]
+        pred_encoding = LabelEncoding()  # volumes written by the pipeline hold class ids
+    else:
+        pred = as_dask_array(pair.prediction)
+        pred_encoding = spec.encoding
+    chunks = (spec.region, spec.region) if spec.region else pred.chunksize[1:]
+    pred = pred.rechunk((pred.shape[0],) + tuple(chunks)) if spec.region else pred
+    truth = as_dask_array(pair.truth, chunks=chunks)
+    names = (f"{pair.truth.field}: {pair.truth.path}", f"{pair.prediction.field}: {pair.prediction.path}")
+    _check_shapes(truth.shape[1:], pred.shape[1:], names)
+    for array, encoding, name in ((truth, spec.encoding, names[0]), (pred, pred_encoding, names[1])):
+        if array.shape[0] != encoding.channels:
+            raise EvaluationError(
+                f"{name} has {array.shape[0]} channel{'s' * (array.shape[0] > 1)}; encoding "
+                f"{encoding.kind} expects {encoding.channels}"
+            )
+        if encoding.kind != "palette" and not np.issubdtype(array.dtype, np.integer):
+            raise EvaluationError(f"{name}: expected integer class ids, got dtype {array.dtype}")
+    mask = None
+    if pair.ignore_mask is not None:
+        mask = as_dask_array(pair.ignore_mask, chunks=chunks)
+        _check_shapes(mask.shape[1:], pred.shape[1:], (f"ignore mask {pair.ignore_mask.path}", names[1]))
+    blocks = _confusion_blocks(truth, pred, mask, spec, pred_encoding, names)
+    return blocks, tuple(pred.shape[1:])
+
+
+def _confusion_blocks(
+    truth: da.Array,
+    pred: da.Array,
+    mask: da.Array | None,
+    spec: EvaluationSpec,
+    pred_encoding: LabelEncoding,
+    names: tuple[str, str],
+) -> da.Array:
+    """Per-block confusion matrices ``(rows, cols, K, K)`` of channel-first label arrays."""
+    k = spec.num_classes
+    args = [truth, pred] + ([mask] if mask is not None else [])
+    return da.map_blocks(
         _block_confusion,
-        truth,
-        pred,
-        num_classes=num_classes,
-        ignore_index=ignore_index,
+        *args,
+        spec=spec,
+        pred_encoding=pred_encoding,
         names=names,
-        new_axis=[ndim, ndim + 1],
-        chunks=(1,) * ndim + (num_classes, num_classes),
+        drop_axis=0,
+        new_axis=[2, 3],
+        chunks=(1, 1, k, k),
         dtype=np.int64,
-        meta=np.empty((0,) * (ndim + 2), dtype=np.int64),
+        meta=np.empty((0, 0, 0, 0), dtype=np.int64),
     )
-    return per_block.sum(axis=tuple(range(ndim)), dtype=np.int64).compute()
 
 
 def _block_confusion(
     truth: np.ndarray,
     pred: np.ndarray,
-    num_classes: int,
-    ignore_index: int | None,
+    mask: np.ndarray | None = None,
+    *,
+    spec: EvaluationSpec,
+    pred_encoding: LabelEncoding,
     names: tuple[str, str],
     block_info: dict | None = None,
 ) -> np.ndarray:
+    where = ""
+    if block_info and 0 in block_info:
+        loc = block_info[0]["array-location"][1:]
+        where = " in the region " + ", ".join(f"{a}:{b}" for a, b in loc)
     try:
-        cm = confusion_matrix(truth, pred, num_classes, ignore_index)
+        t_ids, t_ignored = decode(truth if spec.encoding.kind == "palette" else truth[0], spec.encoding)
+    except EncodingError as exc:
+        raise EvaluationError(f"{names[0]}{where}: {exc}") from None
+    try:
+        p_ids, _ = decode(pred if pred_encoding.kind == "palette" else pred[0], pred_encoding)
+    except EncodingError as exc:
+        raise EvaluationError(f"{names[1]}{where}: {exc}") from None
+    ignored = t_ignored
+    if mask is not None:
+        ignored = (mask[0] != 0) if ignored is None else (ignored | (mask[0] != 0))
+    try:
+        cm = confusion_matrix(t_ids, p_ids, spec.num_classes, spec.ignore_index, ignored)
     except ClassIdError as exc:
-        where = ""
-        if block_info and 0 in block_info:
-            loc = block_info[0]["array-location"]
-            where = " in the region " + ", ".join(f"{a}:{b}" for a, b in loc)
         name = names[0] if exc.which == "ground truth" else names[1]
-        allowed = f"0..{num_classes - 1}" + (
-            f" or the ignore index {ignore_index}" if ignore_index is not None else ""
+        allowed = f"0..{spec.num_classes - 1}" + (
+            f" or the ignore index {spec.ignore_index}" if spec.ignore_index is not None else ""
         )
         shown = ", ".join(str(v) for v in exc.values[:10])
         raise EvaluationError(
             f"{name} holds class ids {shown}{where}; expected {allowed} "
-            f"(num_classes: {num_classes})"
+            f"(num_classes: {spec.num_classes})"
         ) from None
-    return cm.reshape((1,) * truth.ndim + cm.shape)
+    return cm.reshape((1, 1) + cm.shape)
 
 
-def evaluate_paths(
-    prediction: ImageSpec,
-    truth: ImageSpec,
-    num_classes: int,
-    ignore_index: int | None = None,
-) -> Scores:
-    """Scores of a prediction against ground truth, chunk by chunk.
+def _check_shapes(a: tuple[int, ...], b: tuple[int, ...], names: tuple[str, str]) -> None:
+    if tuple(a) != tuple(b):
+        raise EvaluationError(
+            f"{names[0]} has shape {tuple(a)}, but {names[1]} has shape {tuple(b)}; "
+            f"expected the same shape"
+        )
 
-    The prediction is a label volume written by ``pipeline run`` (refused while its run is
-    unfinished) or any single-channel label image; ground truth is read in the
-    prediction's chunks.
-    """
-    pred = _as_dask(prediction)
-    # Read the truth in the prediction's chunks, straight from the file: no rechunking.
-    gt = as_dask_labels(truth, chunks=pred.chunksize)
-    for spec, array in ((truth, gt), (prediction, pred)):
-        if not np.issubdtype(array.dtype, np.integer):
+
+def pair_paths(
+    prediction: str, truth: str, ignore_mask: str | None = None, channel_axis_of: dict | None = None
+) -> list[LabelPair]:
+    """Pair single files, folders or globs of label images by relative path without suffix."""
+    channel_axis_of = channel_axis_of or {}
+    sides = {"prediction": _listing(prediction, "prediction"), "ground truth": _listing(truth, "ground truth")}
+    if ignore_mask is not None:
+        sides["ignore mask"] = _listing(ignore_mask, "ignore mask")
+    if all(len(files) == 1 for files in sides.values()):
+        keys = {side: next(iter(files)) for side, files in sides.items()}
+        sides = {side: {"": files[keys[side]]} for side, files in sides.items()}
+    names = set(sides["ground truth"])
+    for side, files in sides.items():
+        if set(files) != names:
+            missing = sorted(names - set(files))[:5]
+            extra = sorted(set(files) - names)[:5]
             raise EvaluationError(
-                f"{spec.field}: {spec.path}: expected integer class ids, got dtype {array.dtype}"
+                f"{side}: cannot pair the images with the ground truth: missing {missing}, "
+                f"unmatched {extra} (pairs match by relative path without suffix)"
             )
-    cm = confusion_matrix_dask(
-        gt,
-        pred,
-        num_classes,
-        ignore_index,
-        names=(f"{truth.field}: {truth.path}", f"{prediction.field}: {prediction.path}"),
-    )
-    return scores_from_confusion(cm)
+    def spec(side: str, name: str) -> ImageSpec:
+        return ImageSpec(sides[side][name], channel_axis_of.get(side), side)
+
+    return [
+        LabelPair(
+            name or Path(sides["ground truth"][name]).name,
+            spec("prediction", name),
+            spec("ground truth", name),
+            spec("ignore mask", name) if ignore_mask is not None else None,
+        )
+        for name in sorted(names)
+    ]
 
 
-def _as_dask(spec: ImageSpec) -> da.Array:
-    if is_label_volume(spec.path):
-        return da.from_zarr(open_label_volume(spec.path))
-    return as_dask_labels(spec)
+def _listing(pattern: str, side: str) -> dict[str, str]:
+    """``{key: path}`` of the label images a path, folder or glob names."""
+    path = Path(pattern)
+    if any(ch in pattern for ch in "*?["):
+        base = Path(pattern.split("*")[0].split("?")[0].split("[")[0])
+        base = base if pattern.endswith("/") or base.is_dir() else base.parent
+        files = [Path(p) for p in sorted(globlib.glob(pattern, recursive=True))]
+    elif path.is_dir() and not _is_zarr(path):
+        base = path
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not _inside_zarr(p, path))
+    elif path.exists():
+        return {path.stem: str(path)}
+    else:
+        raise EvaluationError(f"{side}: not found: {pattern}")
+    files = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise EvaluationError(f"{side}: no label images in {pattern}")
+    listing: dict[str, str] = {}
+    for p in files:
+        key = str(p.relative_to(base).with_suffix(""))
+        if key in listing:
+            raise EvaluationError(f"{side}: {listing[key]} and {p} have the same name; keep one")
+        listing[key] = str(p)
+    return listing
+
+
+def _is_zarr(path: Path) -> bool:
+    return (path / "zarr.json").is_file() or (path / ".zarray").is_file() or (path / ".zgroup").is_file()
+
+
+def _inside_zarr(p: Path, root: Path) -> bool:
+    return any(_is_zarr(parent) for parent in p.parents if parent != root and root in parent.parents)

@@ -8,17 +8,19 @@ person reads it (``pipeline plan``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .cluster import ClusterShape, cluster_shape
-from .config import DeclaredGeometry, NormalizeConfig, Workflow
+from .config import DeclaredGeometry, EvaluationConfig, NormalizeConfig, Workflow
+from .encodings import LabelEncoding
 from .errors import EvaluationError, PipelineError
+from .evaluation import EvaluationSpec
 from .io.images import ImageReader, ImageSpec, open_image
 from .io.labels import check_output_free, label_dtype
 from .models.loading import LoadedModel, check_declared_halo, load_model
+from .scorecard import ReportFiles
 from .tiling import TilePlan, plan_tiles
 
 MEMORY_BUDGET = 2 << 30  # per task, for tiling.tile: auto
@@ -43,13 +45,7 @@ class Prepared:
     def report_path(self) -> str | None:
         if self.workflow.evaluation is None:
             return None
-        return evaluation_report_path(self.workflow.output.path)
-
-
-def evaluation_report_path(output_path: str) -> str:
-    """``out/slide.zarr`` -> ``out/slide.evaluation.json``, beside the volume."""
-    p = Path(output_path)
-    return str(p.with_name(p.stem + ".evaluation.json"))
+        return str(ReportFiles.beside(self.workflow.output.path).json)
 
 
 def input_spec(wf: Workflow) -> ImageSpec:
@@ -58,7 +54,32 @@ def input_spec(wf: Workflow) -> ImageSpec:
 
 def truth_spec(wf: Workflow) -> ImageSpec:
     assert wf.evaluation is not None
-    return ImageSpec(wf.evaluation.ground_truth, None, "evaluation.ground_truth")
+    axis = -1 if wf.evaluation.encoding == "palette" else None
+    return ImageSpec(wf.evaluation.ground_truth, axis, "evaluation.ground_truth")
+
+
+def ignore_mask_spec(wf: Workflow) -> ImageSpec | None:
+    if wf.evaluation is None or wf.evaluation.ignore_mask is None:
+        return None
+    return ImageSpec(wf.evaluation.ignore_mask, None, "evaluation.ignore_mask")
+
+
+def evaluation_spec(cfg: EvaluationConfig, num_classes: int) -> EvaluationSpec:
+    """The evaluation options of a workflow (or of `pipeline evaluate`'s flags)."""
+    classes = cfg.classes or []
+    encoding = LabelEncoding(
+        kind=cfg.encoding,
+        palette=tuple(c.colour for c in classes) if cfg.encoding == "palette" else (),
+        ignore_colours=tuple(cfg.ignore_colours),
+    )
+    return EvaluationSpec(
+        num_classes=num_classes,
+        ignore_index=cfg.ignore_index,
+        encoding=encoding,
+        absent=cfg.absent_classes,
+        region=cfg.regions,
+        class_names=tuple(c.name for c in classes) if classes else None,
+    )
 
 
 def prepare(wf: Workflow) -> Prepared:
@@ -91,17 +112,7 @@ def _prepare(wf: Workflow) -> Prepared:
     plan = make_plan(wf, image, model, batch)
     truth = None
     if wf.evaluation is not None:
-        truth = open_image(truth_spec(wf))
-        if truth.shape != image.shape:
-            raise EvaluationError(
-                f"evaluation.ground_truth: {wf.evaluation.ground_truth} has shape {truth.shape}, "
-                f"but the image {wf.input.path} has spatial shape {image.shape}; expected the same"
-            )
-        if not np.issubdtype(truth.dtype, np.integer):
-            raise EvaluationError(
-                f"evaluation.ground_truth: {wf.evaluation.ground_truth}: expected integer class "
-                f"ids, got dtype {truth.dtype}"
-            )
+        truth = _check_truth(wf, image)
     check_output_free(wf.output.path, wf.output.overwrite)
     notes = []
     segment = int(np.prod(image.chunks)) * image.channels * image.dtype.itemsize
@@ -114,6 +125,42 @@ def _prepare(wf: Workflow) -> Prepared:
     return Prepared(
         wf, image, model, plan, cluster_shape(wf.cluster, wf.inference.device), truth, tuple(notes)
     )
+
+
+def _check_truth(wf: Workflow, image: ImageReader) -> ImageReader:
+    ev = wf.evaluation
+    assert ev is not None
+    truth = open_image(truth_spec(wf))
+    if truth.shape != image.shape:
+        raise EvaluationError(
+            f"evaluation.ground_truth: {ev.ground_truth} has shape {truth.shape}, "
+            f"but the image {wf.input.path} has spatial shape {image.shape}; expected the same"
+        )
+    expected_channels = 3 if ev.encoding == "palette" else 1
+    if truth.channels != expected_channels:
+        raise EvaluationError(
+            f"evaluation.ground_truth: {ev.ground_truth} has {truth.channels} channels; "
+            f"encoding {ev.encoding} expects {expected_channels}"
+        )
+    if ev.encoding != "palette" and not np.issubdtype(truth.dtype, np.integer):
+        raise EvaluationError(
+            f"evaluation.ground_truth: {ev.ground_truth}: expected integer class ids, got dtype "
+            f"{truth.dtype}"
+        )
+    k = wf.model.num_classes
+    if ev.classes is not None and len(ev.classes) != k:
+        raise EvaluationError(
+            f"evaluation.classes: {len(ev.classes)} classes listed, but model.num_classes is {k}"
+        )
+    if ev.encoding == "binary" and k != 2:
+        raise EvaluationError(f"evaluation.encoding: binary masks have 2 classes, but model.num_classes is {k}")
+    mask = ignore_mask_spec(wf)
+    if mask is not None and open_image(mask).shape != image.shape:
+        raise EvaluationError(
+            f"evaluation.ignore_mask: {mask.path} has shape {open_image(mask).shape}, but the "
+            f"image has spatial shape {image.shape}"
+        )
+    return truth
 
 
 def make_plan(wf: Workflow, image: ImageReader, model: LoadedModel, batch_size: int) -> TilePlan:
@@ -175,7 +222,7 @@ def describe_plan(p: Prepared) -> str:
         f"{' x '.join(map(str, plan.block_shape))}, one per block)",
     ]
     if wf.evaluation is not None:
-        lines.append(f"evaluation {wf.evaluation.ground_truth} -> {p.report_path}")
+        lines.append(f"evaluation {wf.evaluation.ground_truth} ({wf.evaluation.encoding}) -> {p.report_path}")
     lines.append(f"cluster    {p.cluster.describe()}")
     lines += [f"note       {n}" for n in p.notes]
     return "\n".join(lines)

@@ -1,33 +1,50 @@
-"""Evaluation reports: a JSON document with every number, and a console table."""
+"""Evaluation reports people read: JSON with every number, CSV per class, a Markdown table.
+
+The JSON document::
+
+    pooled           dataset-level statistics of the summed confusion matrix (the exact
+                     "IoU of the dataset"): mean_iou, frequency_weighted_iou, pixel_accuracy,
+                     mean_class_accuracy, mean_dice, per_class [...], confusion_matrix
+    mean_of_per_image_iou   the mean over images of each image's own mIoU (not the same
+                     number as pooled.mean_iou; only with several images)
+    per_image        each image's statistics
+    regions          per grid cell (cell size, offsets, mIoU, pixels), when asked for
+    bootstrap        percentile interval of the pooled mIoU over resampled images or regions
+    policy           absent classes, ignore index, encoding: how the numbers were made
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from .metrics import Scores
+import numpy as np
 
-ABSENT_CLASS_POLICY = (
-    "a class absent from both ground truth and prediction has undefined IoU/Dice: "
-    "reported as null and excluded from the means"
-)
+from .evaluation import EvaluationSpec, PairResult
+from .metrics import Scores, bootstrap_mean_iou, mean_of_per_image_iou, scores_from_confusion
+
+ABSENT_POLICIES = {
+    "exclude": "a class absent from both ground truth and prediction has undefined IoU/Dice: "
+    "reported as null and excluded from the means",
+    "nan": "a class absent from both ground truth and prediction has undefined IoU/Dice: "
+    "reported as null, and any mean over it is null too",
+}
 UNTRAINED_NOTE = (
     "the model has untrained (fixed-seed random) weights: these IoU values are those of an "
     "untrained model and say nothing about segmentation quality"
 )
 
 
-def class_names(num_classes: int) -> list[str]:
-    return [f"class {k}" for k in range(num_classes)]
-
-
 def scores_to_dict(scores: Scores, names: list[str]) -> dict[str, Any]:
     return {
         "pixels_evaluated": scores.pixels,
-        "pixel_accuracy": _num(scores.pixel_accuracy),
         "mean_iou": _num(scores.mean_iou),
+        "frequency_weighted_iou": _num(scores.frequency_weighted_iou),
+        "pixel_accuracy": _num(scores.pixel_accuracy),
+        "mean_class_accuracy": _num(scores.mean_class_accuracy),
         "mean_dice": _num(scores.mean_dice),
         "per_class": [
             {
@@ -35,6 +52,8 @@ def scores_to_dict(scores: Scores, names: list[str]) -> dict[str, Any]:
                 "name": names[k],
                 "iou": _num(scores.iou[k]),
                 "dice": _num(scores.dice[k]),
+                "precision": _num(scores.precision[k]),
+                "recall": _num(scores.recall[k]),
                 "truth_pixels": int(scores.truth_pixels[k]),
                 "predicted_pixels": int(scores.predicted_pixels[k]),
             }
@@ -45,25 +64,106 @@ def scores_to_dict(scores: Scores, names: list[str]) -> dict[str, Any]:
             "columns": "prediction",
             "counts": scores.confusion.tolist(),
         },
-        "absent_class_policy": ABSENT_CLASS_POLICY,
     }
 
 
-def format_table(scores: Scores, names: list[str]) -> str:
-    width = max(len("class"), *(len(n) for n in names))
-    lines = [
-        f"{'class':<{width}}  {'IoU':>7}  {'Dice':>7}  {'truth px':>14}  {'predicted px':>14}",
+def summarize(
+    results: list[PairResult],
+    spec: EvaluationSpec,
+    bootstrap: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """The report document of one evaluation (see the module docstring)."""
+    names = spec.names
+    pooled = scores_from_confusion(sum(r.confusion for r in results), spec.absent)
+    doc: dict[str, Any] = {
+        "num_classes": spec.num_classes,
+        "class_names": names,
+        "images": len(results),
+        "pooled": scores_to_dict(pooled, names),
+        "policy": {
+            "absent_classes": spec.absent,
+            "absent_classes_rule": ABSENT_POLICIES[spec.absent],
+            "ignore_index": spec.ignore_index,
+            "ignore_mask": any(r.pair.ignore_mask is not None for r in results),
+            "encoding": spec.encoding.kind,
+        },
+    }
+    if len(results) > 1:
+        doc["mean_of_per_image_iou"] = _num(
+            mean_of_per_image_iou([r.confusion for r in results], spec.absent)
+        )
+    doc["per_image"] = [
+        {
+            "name": r.pair.name,
+            "prediction": r.pair.prediction.path,
+            "ground_truth": r.pair.truth.path,
+            "shape": list(r.shape),
+            **_brief(scores_from_confusion(r.confusion, spec.absent)),
+        }
+        for r in results
     ]
+    units = None
+    if spec.region:
+        cells = []
+        for r in results:
+            rows, cols = r.regions.shape[:2]
+            for i in range(rows):
+                for j in range(cols):
+                    cells.append(
+                        {
+                            "image": r.pair.name,
+                            "offset": [i * spec.region, j * spec.region],
+                            **_brief(scores_from_confusion(r.regions[i, j], spec.absent)),
+                        }
+                    )
+        doc["regions"] = {"cell": spec.region, "per_region": cells}
+        units = ("regions", np.concatenate([r.regions.reshape(-1, *r.regions.shape[2:]) for r in results]))
+    elif len(results) > 1:
+        units = ("images", np.stack([r.confusion for r in results]))
+    if bootstrap and units is not None:
+        low, high = bootstrap_mean_iou(units[1], bootstrap, confidence, absent=spec.absent)
+        doc["bootstrap"] = {
+            "unit": units[0],
+            "units": int(units[1].shape[0]),
+            "resamples": bootstrap,
+            "confidence": confidence,
+            "mean_iou_interval": [_num(low), _num(high)],
+        }
+    return doc
+
+
+def format_table(scores: Scores, names: list[str]) -> str:
+    """A Markdown table (reads fine on a terminal too) and a summary line."""
+    width = max(len("class"), *(len(n) for n in names))
+    head = f"| {'class':<{width}} | {'IoU':>7} | {'Dice':>7} | {'precision':>9} | {'recall':>7} | {'truth px':>14} | {'predicted px':>14} |"
+    rule = f"|{'-' * (width + 2)}|{'-' * 8}:|{'-' * 8}:|{'-' * 10}:|{'-' * 8}:|{'-' * 15}:|{'-' * 15}:|"
+    lines = [head, rule]
     for k, name in enumerate(names):
         lines.append(
-            f"{name:<{width}}  {_pct(scores.iou[k]):>7}  {_pct(scores.dice[k]):>7}  "
-            f"{int(scores.truth_pixels[k]):>14,}  {int(scores.predicted_pixels[k]):>14,}"
+            f"| {name:<{width}} | {_pct(scores.iou[k]):>7} | {_pct(scores.dice[k]):>7} | "
+            f"{_pct(scores.precision[k]):>9} | {_pct(scores.recall[k]):>7} | "
+            f"{int(scores.truth_pixels[k]):>14,} | {int(scores.predicted_pixels[k]):>14,} |"
         )
+    lines.append("")
     lines.append(
-        f"mIoU {_pct(scores.mean_iou)}   mean Dice {_pct(scores.mean_dice)}   "
-        f"pixel accuracy {_pct(scores.pixel_accuracy)}   ({scores.pixels:,} pixels)"
+        f"mIoU {_pct(scores.mean_iou)} | frequency-weighted IoU {_pct(scores.frequency_weighted_iou)} | "
+        f"pixel accuracy {_pct(scores.pixel_accuracy)} | mean class accuracy "
+        f"{_pct(scores.mean_class_accuracy)} | mean Dice {_pct(scores.mean_dice)} | "
+        f"{scores.pixels:,} pixels"
     )
     return "\n".join(lines)
+
+
+def write_csv(path: str | Path, scores: Scores, names: list[str]) -> None:
+    rows = scores_to_dict(scores, names)["per_class"]
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    tmp.replace(path)
 
 
 def write_json(path: str | Path, document: dict[str, Any]) -> None:
@@ -74,8 +174,17 @@ def write_json(path: str | Path, document: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _brief(scores: Scores) -> dict[str, Any]:
+    return {
+        "pixels": scores.pixels,
+        "mean_iou": _num(scores.mean_iou),
+        "pixel_accuracy": _num(scores.pixel_accuracy),
+        "iou": [_num(v) for v in scores.iou],
+    }
+
+
 def _num(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
+    return None if value is None or math.isnan(value) else float(value)
 
 
 def _pct(value: float) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
@@ -14,7 +15,7 @@ from . import __version__
 from .cluster import connect
 from .config import NormalizeConfig, Workflow
 from .errors import ExecutionError, PipelineError
-from .evaluation import evaluate_paths
+from .evaluation import LabelPair
 from .inference import InferenceSpec, measure_batch_size, run_block
 from .io.images import ImageSpec
 from .io.labels import create_label_volume, mark_complete
@@ -24,13 +25,16 @@ from .planning import (
     Prepared,
     describe_normalization,
     describe_plan,
+    evaluation_spec,
+    ignore_mask_spec,
     input_spec,
     make_plan,
     prepare,
     truth_spec,
 )
 from .progress import Progress, format_seconds
-from .report import UNTRAINED_NOTE, class_names, format_table, scores_to_dict, write_json
+from .report import UNTRAINED_NOTE, format_table
+from .scorecard import ReportFiles, evaluate_and_report
 from .tiling import TilePlan
 
 
@@ -91,35 +95,36 @@ def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> R
         )
         print(f"labels     {wf.output.path} (complete)", file=out, flush=True)
         if wf.evaluation is not None:
-            scores = evaluate_paths(
-                ImageSpec(wf.output.path, None, "output.path"),
-                truth_spec(wf),
-                wf.model.num_classes,
-                wf.evaluation.ignore_index,
-            )
-    report_path = None
-    if scores is not None:
-        report_path = prepared.report_path
-        names = class_names(wf.model.num_classes)
-        document = {
-            "prediction": wf.output.path,
-            "ground_truth": wf.evaluation.ground_truth,
-            "workflow": wf.source,
-            "num_classes": wf.model.num_classes,
-            "ignore_index": wf.evaluation.ignore_index,
-            "model": prepared.model.identity,
-            **scores_to_dict(scores, names),
-        }
-        if prepared.model.untrained:
-            document["note"] = UNTRAINED_NOTE
-        write_json(report_path, document)
-        print(f"report     {report_path}", file=out)
-        print(format_table(scores, names), file=out)
-        if prepared.model.untrained:
-            print(f"note: {UNTRAINED_NOTE}", file=out)
+            scores, report_files = _evaluate(wf, prepared, out)
     total = time.perf_counter() - started
     print(f"done in {format_seconds(total)}", file=out, flush=True)
+    report_path = str(report_files.json) if scores is not None else None
     return RunResult(wf.output.path, report_path, scores, total)
+
+
+def _evaluate(wf: Workflow, prepared: Prepared, out: TextIO) -> tuple[Scores, ReportFiles]:
+    ev = wf.evaluation
+    assert ev is not None
+    spec = evaluation_spec(ev, wf.model.num_classes)
+    pair = LabelPair(
+        Path(wf.output.path).stem,
+        ImageSpec(wf.output.path, None, "output.path"),
+        truth_spec(wf),
+        ignore_mask_spec(wf),
+    )
+    files = ReportFiles.beside(wf.output.path)
+    extra: dict[str, Any] = {"workflow": wf.source, "model": prepared.model.identity}
+    if prepared.model.untrained:
+        extra["note"] = UNTRAINED_NOTE
+    _, scores = evaluate_and_report(
+        [pair], spec, files, ev.bootstrap, ev.confidence, image=input_spec(wf), extra=extra
+    )
+    for path in files.written():
+        print(f"report     {path}", file=out)
+    print(format_table(scores, spec.names), file=out)
+    if prepared.model.untrained:
+        print(f"note: {UNTRAINED_NOTE}", file=out)
+    return scores, files
 
 
 def _predict_all(client: Any, spec: InferenceSpec, p: Prepared, err: TextIO) -> float:

@@ -43,6 +43,8 @@ def test_demo_validate_plan_run(demo, capsys) -> None:
     out_path = demo.parent / "out" / "demo.zarr"
     report_path = demo.parent / "out" / "demo.evaluation.json"
     assert str(out_path) in captured.out and str(report_path) in captured.out
+    for name in ("demo.evaluation.csv", "demo.confusion.png", "demo.preview.png"):
+        assert (demo.parent / "out" / name).stat().st_size > 0 and name in captured.out
     assert "mIoU" in captured.out and "untrained model" in captured.out
 
     group = zarr.open_group(str(out_path), mode="r")
@@ -53,7 +55,7 @@ def test_demo_validate_plan_run(demo, capsys) -> None:
     assert labels.shape == (2048, 2048) and labels.dtype == np.uint8
     report = json.loads(report_path.read_text())
     truth = tifffile.imread(demo.parent / "demo-data" / "labels.tif")
-    assert report["pixel_accuracy"] == pytest.approx((labels == truth).mean(), abs=1e-12)
+    assert report["pooled"]["pixel_accuracy"] == pytest.approx((labels == truth).mean(), abs=1e-12)
     assert "untrained" in report["note"]
 
 

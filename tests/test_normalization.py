@@ -7,7 +7,11 @@ from hypothesis import strategies as st
 from pipeline.config import NormalizeConfig
 from pipeline.errors import InputImageError
 from pipeline.io.images import ImageSpec
-from pipeline.normalization import image_percentiles, percentile_from_histogram, resolve_normalization
+from pipeline.normalization import (
+    image_percentiles,
+    percentile_from_histogram,
+    resolve_normalization,
+)
 
 
 @settings(max_examples=80, deadline=None)

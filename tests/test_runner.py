@@ -55,8 +55,8 @@ def test_distributed_run_equals_the_numpy_whole_image_result(tmp_path, padding, 
     assert labels.chunks == (56, 168)  # a block of 1 x 3 tiles of 56: one batch of 3
     np.testing.assert_array_equal(labels[:], expected)
     report = json.loads(open(result.report_path).read())
-    assert report["mean_iou"] == 1.0 and report["pixel_accuracy"] == 1.0
-    assert report["pixels_evaluated"] == 203 * 171
+    assert report["pooled"]["mean_iou"] == 1.0 and report["pooled"]["pixel_accuracy"] == 1.0
+    assert report["pooled"]["pixels_evaluated"] == 203 * 171
     assert "note" not in report  # a real model file: no untrained warning
     assert report["model"]["weights"]["path"].endswith("box.pt")
 

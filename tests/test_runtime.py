@@ -9,7 +9,15 @@ import torch
 from pipeline.config import InferenceConfig, NormalizeConfig
 from pipeline.inference import normalise, predict_image
 from pipeline.models.unet import UNet, unet_geometry
-from pipeline.runtime import TTA_TRANSFORMS, Runtime, _apply, _undo, forward, prepare_module, resolve_device
+from pipeline.runtime import (
+    TTA_TRANSFORMS,
+    Runtime,
+    _apply,
+    _undo,
+    forward,
+    prepare_module,
+    resolve_device,
+)
 from pipeline.tiling import plan_tiles
 
 NORM = NormalizeConfig(mean=128.0, std=64.0)

@@ -4,7 +4,7 @@ import torch
 
 from pipeline.config import CustomConfig, DilatedConfig, ExportConfig, TorchScriptConfig, UNetConfig
 from pipeline.errors import ModelError
-from pipeline.models.loading import build_module, check_declared_halo, load_model
+from pipeline.models.loading import build_module, load_model
 from pipeline.models.unet import UNet
 from tests.helpers import BoxFilterNet
 

@@ -1,0 +1,108 @@
+"""Evaluate and write every report: JSON, CSV, table, heatmap PNG, overlay preview PNG.
+
+The same code serves ``pipeline evaluate`` and the ``evaluation:`` section of a run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from .encodings import LabelEncoding, decode
+from .evaluation import EvaluationSpec, LabelPair, evaluate_pairs
+from .figures import class_colours, confusion_heatmap, overlay_preview
+from .io.images import ImageSpec, as_dask_array
+from .io.labels import is_label_volume, open_label_volume
+from .metrics import Scores, scores_from_confusion
+from .report import summarize, write_csv, write_json
+
+PREVIEW_EDGE = 1000
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    json: Path | None = None
+    csv: Path | None = None
+    heatmap: Path | None = None
+    preview: Path | None = None
+
+    @classmethod
+    def beside(cls, output_path: str) -> ReportFiles:
+        """``out/slide.zarr`` -> ``out/slide.evaluation.json``, ``.csv``, ``.confusion.png``, ``.preview.png``."""
+        p = Path(output_path)
+        stem = p.with_name(p.stem)
+        return cls(
+            json=Path(f"{stem}.evaluation.json"),
+            csv=Path(f"{stem}.evaluation.csv"),
+            heatmap=Path(f"{stem}.confusion.png"),
+            preview=Path(f"{stem}.preview.png"),
+        )
+
+    def written(self) -> list[Path]:
+        return [p for p in (self.json, self.csv, self.heatmap, self.preview) if p is not None]
+
+
+def evaluate_and_report(
+    pairs: list[LabelPair],
+    spec: EvaluationSpec,
+    files: ReportFiles,
+    bootstrap: int = 0,
+    confidence: float = 0.95,
+    image: ImageSpec | None = None,
+    extra: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], Scores]:
+    """Compute, summarise and write; returns the JSON document and the pooled scores."""
+    results = evaluate_pairs(pairs, spec)
+    doc = summarize(results, spec, bootstrap, confidence)
+    doc.update(extra or {})
+    pooled = scores_from_confusion(sum(r.confusion for r in results), spec.absent)
+    if files.json:
+        write_json(files.json, doc)
+    if files.csv:
+        write_csv(files.csv, pooled, spec.names)
+    if files.heatmap:
+        confusion_heatmap(pooled.confusion, spec.names, files.heatmap)
+    if files.preview:
+        write_preview(pairs[0], spec, files.preview, image)
+    return doc, pooled
+
+
+def write_preview(pair: LabelPair, spec: EvaluationSpec, path: Path, image: ImageSpec | None) -> None:
+    """Downsampled image, truth and prediction of one pair, in class colours."""
+    pred = _labels(pair.prediction)
+    step = max(1, math.ceil(max(pred.shape[1:]) / PREVIEW_EDGE))
+    sample = (slice(None), slice(None, None, step), slice(None, None, step))
+    pred_ids, _ = _decode(pred[sample].compute(), _encoding_of(pair.prediction, spec))
+    truth_ids, ignored = _decode(as_dask_array(pair.truth)[sample].compute(), spec.encoding)
+    if spec.ignore_index is not None:
+        extra = truth_ids == spec.ignore_index
+        ignored = extra if ignored is None else ignored | extra
+    if pair.ignore_mask is not None:
+        extra = as_dask_array(pair.ignore_mask)[sample].compute()[0] != 0
+        ignored = extra if ignored is None else ignored | extra
+    base = (
+        as_dask_array(image)[sample].compute()
+        if image is not None
+        else np.full((1,) + pred_ids.shape, 128, np.uint8)
+    )
+    colours = class_colours(spec.num_classes, spec.encoding.palette)
+    overlay_preview(base, truth_ids, pred_ids, colours, path, ignored)
+
+
+def _labels(spec: ImageSpec) -> da.Array:
+    if is_label_volume(spec.path):
+        return da.from_zarr(open_label_volume(spec.path))[None]
+    return as_dask_array(spec)
+
+
+def _encoding_of(spec: ImageSpec, evaluation: EvaluationSpec) -> LabelEncoding:
+    return LabelEncoding() if is_label_volume(spec.path) else evaluation.encoding
+
+
+def _decode(labels: np.ndarray, encoding: LabelEncoding) -> tuple[np.ndarray, np.ndarray | None]:
+    return decode(labels if encoding.kind == "palette" else labels[0], encoding)
