@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.encodings import colour_hex
 from tests.helpers import shared_data
 from tests.test_evaluation import DUBAI_CLASSES
 
@@ -68,7 +69,7 @@ def test_folders_with_every_report(isbi, capsys) -> None:
 def test_palette_masks_with_class_names(tmp_path, capsys) -> None:
     masks = shared_data("aerial", "dubai_mbrsc_semantic_segmentation", "Tile 1", "masks")
     classes = tmp_path / "classes.yaml"
-    classes.write_text(yaml.safe_dump([{"name": n, "colour": "#%02X%02X%02X" % c} for n, c in DUBAI_CLASSES]))
+    classes.write_text(yaml.safe_dump([{"name": n, "colour": colour_hex(c)} for n, c in DUBAI_CLASSES]))
     argv = ["evaluate", str(masks), str(masks), "--encoding", "palette", "--classes", str(classes),
             "--ignore-colour", "#000000", "--json", str(tmp_path / "r.json")]  # fmt: skip
     assert main(argv) == 0
