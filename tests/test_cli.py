@@ -135,3 +135,24 @@ def test_python_dash_m_and_console_script_exit_codes(tmp_path, small) -> None:
         proc = subprocess.run([*argv, "validate", wf], capture_output=True, text=True)
         assert proc.returncode == 2
         assert "model.depth: expected an integer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["aerial_dubai.yaml", "isbi_em.yaml"])
+def test_shipped_examples_on_the_shared_data_validate_and_run(tmp_path, name, capsys) -> None:
+    from tests.helpers import shared_data
+
+    shared_data()  # skips without ../shared/data
+    wf = yaml.safe_load((REPO / "workflows" / name).read_text())
+    wf["output"]["path"] = str(tmp_path / "out.zarr")  # keep the checkout clean
+    wf["cluster"] = {"n_workers": 1}
+    path = REPO / "workflows" / f".test-{name}"  # beside the original: same relative paths
+    path.write_text(yaml.safe_dump(wf))
+    try:
+        assert main(["validate", str(path)]) == 0
+        assert main(["run", str(path)]) == 0
+    finally:
+        path.unlink()
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "untrained" in out
+    report = json.loads((tmp_path / "out.evaluation.json").read_text())
+    assert report["pooled"]["pixels_evaluated"] > 0
