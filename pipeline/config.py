@@ -123,10 +123,11 @@ class InputConfig(Section):
 
 
 class NormalizeConfig(Section):
-    """``x -> (x - mean) / std``, per channel when lists are given; or percentile scaling.
+    """``x -> (x - mean) / std``, per channel when lists are given; or image statistics.
 
-    ``percentiles: [low, high]`` maps the image's low/high percentiles to 0/1, with the
-    percentiles computed once over the whole image (per channel), never per tile:
+    ``percentiles: [low, high]`` maps the image's low/high percentiles to 0/1;
+    ``zscore: true`` subtracts the image's mean and divides by its standard deviation.
+    Both statistics are computed once over the whole image (per channel), never per tile:
     per-tile statistics would make seams.
     """
 
@@ -135,6 +136,7 @@ class NormalizeConfig(Section):
     percentiles: Annotated[
         tuple[float, float] | None, PlainValidator(_percentiles), _TupleAsList
     ] = None
+    zscore: bool = False
 
     @field_validator("std")
     @classmethod
@@ -146,13 +148,14 @@ class NormalizeConfig(Section):
 
     @model_validator(mode="after")
     def _one_kind(self) -> NormalizeConfig:
-        if self.percentiles is not None and (self.mean is not None or self.std is not None):
-            raise ValueError("either mean/std or percentiles, not both")
+        kinds = [self.mean is not None or self.std is not None, self.percentiles is not None, self.zscore]
+        if sum(kinds) > 1:
+            raise ValueError("one of mean/std, percentiles or zscore")
         return self
 
     @property
     def fixed(self) -> bool:
-        return self.percentiles is None
+        return self.percentiles is None and not self.zscore
 
     def scale(self) -> tuple[float | tuple[float, ...], float | tuple[float, ...]]:
         """``(mean, std)`` of a fixed normalisation (defaults 0 and 1)."""
@@ -229,9 +232,22 @@ class CustomConfig(DeclaredGeometry):
     seed: int = Field(default=0, ge=0, description="initialisation seed when path is null")
 
 
-BUILTIN_ARCHS = ("unet", "dilated")
+class BioimageioConfig(ModelBase):
+    """A bioimage.io model description (rdf.yaml, format 0.4 or 0.5): the file says it all.
+
+    Axes, input size rule, halo, preprocessing and weights come from the description;
+    ``halo`` may add context; ``shift_period`` defaults to the input size step.
+    """
+
+    arch: Literal["bioimageio"]
+    path: str  # type: ignore[assignment]
+    weights: Literal["auto", "torchscript", "pytorch_state_dict"] = "auto"
+    shift_period: int | None = Field(default=None, ge=1)
+    threshold: float = Field(default=0.5, description="for models with one output channel")
+
+
 ModelConfig = Annotated[
-    UNetConfig | DilatedConfig | TorchScriptConfig | ExportConfig | CustomConfig,
+    UNetConfig | DilatedConfig | TorchScriptConfig | ExportConfig | CustomConfig | BioimageioConfig,
     Field(discriminator="arch"),
 ]
 
@@ -382,7 +398,7 @@ def resolve_path(value: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-_UNION_TAGS = {"unet", "dilated", "torchscript", "export", "custom"}
+_UNION_TAGS = {"unet", "dilated", "torchscript", "export", "custom", "bioimageio"}
 
 
 def format_error(source: object, err: dict[str, Any]) -> str:
@@ -429,6 +445,7 @@ def _allowed_keys(loc: tuple) -> list[str]:
                 "torchscript": TorchScriptConfig,
                 "export": ExportConfig,
                 "custom": CustomConfig,
+                "bioimageio": BioimageioConfig,
             }[part]
             continue
         info = model.model_fields.get(str(part))

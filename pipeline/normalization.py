@@ -79,10 +79,27 @@ def _float_percentiles(channel: da.Array, lo: float, hi: float, q: tuple[float, 
     return np.array([percentile_from_histogram(counts, centres, p) for p in q])
 
 
+def image_mean_std(spec: ImageSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation over the whole image (float64 sums)."""
+    image = as_dask_array(spec).astype(np.float64)
+    spatial = tuple(range(1, image.ndim))
+    mean, std = da.compute(image.mean(axis=spatial), image.std(axis=spatial))
+    return np.asarray(mean), np.asarray(std)
+
+
 def resolve_normalization(cfg: NormalizeConfig, spec: ImageSpec) -> NormalizeConfig:
-    """A fixed normalisation: unchanged if already fixed, else from the image's percentiles."""
+    """A fixed normalisation: unchanged if already fixed, else from whole-image statistics."""
     if cfg.fixed:
         return cfg
+    if cfg.zscore:
+        mean, std = image_mean_std(spec)
+        flat = [c for c in range(len(std)) if not std[c] > 0]
+        if flat:
+            raise InputImageError(
+                f"model.normalize.zscore: channel {flat[0]} of {spec.path} is constant "
+                f"(standard deviation 0); use fixed mean/std"
+            )
+        return NormalizeConfig(mean=tuple(map(float, mean)), std=tuple(map(float, std)))
     assert cfg.percentiles is not None
     stats = image_percentiles(spec, cfg.percentiles)
     low, high = stats[:, 0], stats[:, 1]

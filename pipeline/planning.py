@@ -35,6 +35,7 @@ class Prepared:
     plan: TilePlan
     cluster: ClusterShape
     truth: ImageReader | None
+    normalize: NormalizeConfig
     notes: tuple[str, ...] = ()
 
     @property
@@ -99,15 +100,16 @@ def _prepare(wf: Workflow) -> Prepared:
             f"channel{'s' if image.channels > 1 else ''}"
             + (" (set input.channel_axis for a multi-channel image)" if image.channels == 1 else "")
         )
+    model = load_model(cfg, "cpu")
+    check_declared_halo(model, cfg)
+    normalize = effective_normalization(wf, model)
     for name in ("mean", "std"):
-        value = getattr(cfg.normalize, name)
+        value = getattr(normalize, name)
         if isinstance(value, tuple) and len(value) != image.channels:
             raise PipelineError(
                 f"model.normalize.{name}: expected one value or {image.channels} (one per "
                 f"channel), got {len(value)}"
             )
-    model = load_model(cfg, "cpu")
-    check_declared_halo(model, cfg)
     batch = 1 if wf.inference.batch_size == "auto" else int(wf.inference.batch_size)
     plan = make_plan(wf, image, model, batch)
     truth = None
@@ -123,7 +125,14 @@ def _prepare(wf: Workflow) -> Prepared:
             f"a tiled TIFF (e.g. tifffile.imwrite(..., tile=(512, 512))) or zarr reads faster"
         )
     return Prepared(
-        wf, image, model, plan, cluster_shape(wf.cluster, wf.inference.device), truth, tuple(notes)
+        wf,
+        image,
+        model,
+        plan,
+        cluster_shape(wf.cluster, wf.inference.device),
+        truth,
+        normalize,
+        tuple(notes),
     )
 
 
@@ -161,6 +170,18 @@ def _check_truth(wf: Workflow, image: ImageReader) -> ImageReader:
             f"image has spatial shape {image.shape}"
         )
     return truth
+
+
+def effective_normalization(wf: Workflow, model: LoadedModel) -> NormalizeConfig:
+    """The workflow's normalisation, or the one the model file declares; never both."""
+    if model.normalize is None:
+        return wf.model.normalize
+    if "normalize" in wf.model.model_fields_set:
+        raise PipelineError(
+            f"model.normalize: {wf.model.path} declares its own preprocessing "
+            f"({describe_normalization(model.normalize)}); remove model.normalize from the workflow"
+        )
+    return model.normalize
 
 
 def make_plan(wf: Workflow, image: ImageReader, model: LoadedModel, batch_size: int) -> TilePlan:
@@ -206,7 +227,7 @@ def describe_plan(p: Prepared) -> str:
         f"           weights: {weights_text}",
         f"           {geo.name}: halo {geo.halo} px ({halo_from}), trim {geo.trim} px, "
         f"shift period {geo.shift_period}, legal inputs {geo.describe_sizes()}",
-        f"normalise  {describe_normalization(wf.model.normalize)}",
+        f"normalise  {describe_normalization(p.normalize)}",
         f"tiles      write box {tile}, read box {read} (context {plan.context} px per side)",
         f"           tile sizes are multiples of {geo.tile_multiple}; {plan.n_tiles} tiles",
         f"borders    mirrored ({plan.mirror}): {plan.context} px before the first row/column, "
@@ -229,6 +250,8 @@ def describe_plan(p: Prepared) -> str:
 
 
 def describe_normalization(cfg: NormalizeConfig) -> str:
+    if cfg.zscore:
+        return "zero mean, unit variance over the whole image, per channel (computed once at the start of the run)"
     if not cfg.fixed:
         low, high = cfg.percentiles  # type: ignore[misc]
         return (

@@ -61,8 +61,8 @@ def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> R
             prepared = replace(prepared, plan=make_plan(wf, prepared.image, prepared.model, batch))
             plan = prepared.plan
             print(f"batch      {batch} tiles per forward pass (from free device memory)", file=out, flush=True)
-        normalize = resolve_normalization(wf.model.normalize, image)
-        if not wf.model.normalize.fixed:
+        normalize = resolve_normalization(prepared.normalize, image)
+        if not prepared.normalize.fixed:
             print(f"normalise  resolved: {describe_normalization(normalize)}", file=out, flush=True)
         run_id = create_label_volume(
             wf.output.path,

@@ -38,7 +38,7 @@ def test_defaults() -> None:
         (_with("input", colour="red"), "w.yaml: input.colour: unknown key; expected one of: path, channel_axis"),
         (_with("model", num_classes="two"), "w.yaml: model.num_classes: expected an integer, got 'two'"),
         (_with("model", depth=True), "w.yaml: model.depth: expected an integer, got True"),
-        (_with("model", arch="resnet"), "w.yaml: model.arch: expected one of 'unet', 'dilated', 'torchscript', 'export', 'custom', got 'resnet'"),
+        (_with("model", arch="resnet"), "w.yaml: model.arch: expected one of 'unet', 'dilated', 'torchscript', 'export', 'custom', 'bioimageio', got 'resnet'"),
         (_with("model", arch="torchscript", path="m.pt"), "w.yaml: model.halo: required for this arch"),
         (_with("model", arch="torchscript", path="m.pt", halo="auto"), "w.yaml: model.halo: expected a halo in pixels"),
         (_with("tiling", tile=0), "w.yaml: tiling.tile: expected an integer >= 1 or 'auto', got 0"),

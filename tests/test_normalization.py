@@ -59,3 +59,11 @@ def test_constant_channel_is_an_error(tmp_path) -> None:
     tifffile.imwrite(tmp_path / "flat.tif", np.full((20, 20), 7, np.uint8))
     with pytest.raises(InputImageError, match="constant"):
         resolve_normalization(NormalizeConfig(percentiles=(1, 99)), ImageSpec(str(tmp_path / "flat.tif")))
+
+
+def test_zscore_uses_whole_image_statistics(tmp_path, rng) -> None:
+    data = rng.normal(50, 9, (2, 120, 100)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "z.tif", np.moveaxis(data, 0, -1), tile=(32, 32), planarconfig="contig")
+    fixed = resolve_normalization(NormalizeConfig(zscore=True), ImageSpec(str(tmp_path / "z.tif"), channel_axis=2))
+    np.testing.assert_allclose(fixed.mean, data.reshape(2, -1).mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(fixed.std, data.reshape(2, -1).std(axis=1), rtol=1e-6)

@@ -17,20 +17,30 @@ import torch
 from torch import nn
 
 from ..config import (
+    BioimageioConfig,
     CustomConfig,
     DeclaredGeometry,
     DilatedConfig,
     ExportConfig,
     ModelConfig,
+    NormalizeConfig,
     TorchScriptConfig,
     UNetConfig,
 )
 from ..errors import ModelError
 from ..tiling import NetworkGeometry
+from .bioimageio import load_bioimageio
 from .dilated import DilatedContextNet, dilated_activation_bytes_per_pixel, dilated_geometry
 from .probe import probe_reach
 from .unet import UNet, unet_activation_bytes_per_pixel, unet_geometry
-from .user import FixedBatch, build_custom, declared_geometry, load_export, load_torchscript
+from .user import (
+    FixedBatch,
+    build_custom,
+    declared_geometry,
+    load_export,
+    load_torchscript,
+    probe_trim,
+)
 from .weights import apply_state_dict, load_state_dict_file
 
 
@@ -42,6 +52,7 @@ class LoadedModel:
     in_channels: int
     identity: dict[str, Any] = field(compare=False)
     activation_bytes_per_pixel: float | None = None
+    normalize: NormalizeConfig | None = None  # preprocessing the model file declares
 
     @property
     def untrained(self) -> bool:
@@ -52,6 +63,8 @@ def load_model(cfg: ModelConfig, device: str = "cpu", *, with_digest: bool = Tru
     """Model in eval mode on ``device``; ``with_digest`` hashes the weights file for the record."""
     if isinstance(cfg, (UNetConfig, DilatedConfig)):
         loaded = _build_builtin(cfg, device)
+    elif isinstance(cfg, BioimageioConfig):
+        loaded = _load_bioimageio(cfg, device)
     else:
         loaded = _load_declared(cfg, device)
     if with_digest and cfg.path is not None:
@@ -73,8 +86,8 @@ def build_module(cfg: UNetConfig | DilatedConfig) -> nn.Module:
 
 
 def check_declared_halo(loaded: LoadedModel, cfg: ModelConfig) -> None:
-    """Gradient-probe a declared-geometry model; a reach beyond its halo is an error."""
-    if not isinstance(cfg, DeclaredGeometry):
+    """Gradient-probe a model whose halo is declared; a reach beyond it is an error."""
+    if not isinstance(cfg, (DeclaredGeometry, BioimageioConfig)):
         return
     result = probe_reach(loaded.module, loaded.geometry, cfg.in_channels)
     if result.reach > loaded.geometry.halo:
@@ -127,6 +140,34 @@ def _load_declared(cfg: TorchScriptConfig | ExportConfig | CustomConfig, device:
         weights = {"path": cfg.path}
     identity = {"arch": cfg.arch, "params": architecture_params(cfg), "weights": weights}
     return LoadedModel(module, geometry, cfg.num_classes, cfg.in_channels, identity, None)
+
+
+def _load_bioimageio(cfg: BioimageioConfig, device: str) -> LoadedModel:
+    module, desc = load_bioimageio(cfg, device)
+    step = max(1, desc.size_step)
+    rule = (desc.size_min, step, desc.size_min if desc.size_step == 0 else None)
+    label = f"{cfg.path} ({desc.name})"
+    trim = probe_trim(module, cfg.in_channels, cfg.num_classes, rule, 2 * desc.halo + 1, label, device)
+    if cfg.in_channels != desc.in_channels:
+        raise ModelError(f"model.in_channels: {cfg.in_channels}, but {cfg.path} expects {desc.in_channels}")
+    halo = trim + desc.halo  # the description's halo is cropped from the output
+    if cfg.halo != "auto":
+        halo = max(halo, int(cfg.halo))
+    geometry = NetworkGeometry(
+        halo=halo,
+        trim=trim,
+        shift_period=cfg.shift_period or step,
+        size_min=desc.size_min,
+        size_step=step,
+        size_max=rule[2],
+        name=f"bioimage.io model {desc.name!r} (format {desc.version})",
+    )
+    identity = {
+        "arch": "bioimageio",
+        "params": architecture_params(cfg),
+        "weights": {"path": cfg.path, "description": desc.name, "format_version": desc.version},
+    }
+    return LoadedModel(module, geometry, cfg.num_classes, cfg.in_channels, identity, None, desc.normalize)
 
 
 def file_sha256(path: str) -> str:

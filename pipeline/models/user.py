@@ -92,10 +92,9 @@ def declared_geometry(
 ) -> NetworkGeometry:
     """Declared halo and period; size rule declared, else from the file, else any size."""
     size_min, size_step, size_max = file_rule or (1, 1, None)
-    size_min = cfg.size_min or size_min
-    size_step = cfg.size_step or size_step
-    size_max = cfg.size_max or size_max
-    trim = probe_trim(module, cfg, device, size_min, size_step, size_max)
+    rule = (cfg.size_min or size_min, cfg.size_step or size_step, cfg.size_max or size_max)
+    label = cfg.path or getattr(cfg, "factory", cfg.arch)
+    trim = probe_trim(module, cfg.in_channels, cfg.num_classes, rule, 2 * cfg.halo + 2 * cfg.shift_period + 1, label, device)
     if trim > cfg.halo:
         raise ModelError(
             f"model.halo: {cfg.halo} px is smaller than the {trim} px the model itself crops "
@@ -106,40 +105,45 @@ def declared_geometry(
         halo=cfg.halo,
         trim=trim,
         shift_period=cfg.shift_period,
-        size_min=size_min,
-        size_step=size_step,
-        size_max=size_max,
+        size_min=rule[0],
+        size_step=rule[1],
+        size_max=rule[2],
         name=f"{cfg.arch} model {name}",
     )
 
 
 def probe_trim(
-    module: nn.Module, cfg: DeclaredGeometry, device: str, size_min: int, size_step: int, size_max: int | None
+    module: nn.Module,
+    in_channels: int,
+    num_classes: int,
+    rule: SizeRule,
+    at_least: int,
+    label: str,
+    device: str,
 ) -> int:
     """One forward pass on a small legal input: output channels and the border trim."""
+    size_min, size_step, size_max = rule
     size = size_min
-    while size < max(64, 2 * cfg.halo + 2 * cfg.shift_period + 1) and (size_max is None or size + size_step <= size_max):
+    while size < max(64, at_least) and (size_max is None or size + size_step <= size_max):
         size += size_step
-    x = torch.zeros(1, cfg.in_channels, size, size, device=device)
+    x = torch.zeros(1, in_channels, size, size, device=device)
     try:
         with torch.inference_mode():
             y = module(x)
     except Exception as exc:
         raise ModelError(
-            f"model.path: {cfg.path or cfg.arch} fails on a 1 x {cfg.in_channels} x {size} x {size} "
-            f"input (model.in_channels, size_min/size_step): {_first_line(exc)}"
+            f"model.path: {label} fails on a 1 x {in_channels} x {size} x {size} input "
+            f"(model.in_channels, input size rule): {_first_line(exc)}"
         ) from None
     if not isinstance(y, torch.Tensor) or y.ndim != 4:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ModelError(f"model.path: {cfg.path}: expected a 4-D logits tensor (N, classes, H, W), got {got}")
-    if y.shape[1] != cfg.num_classes:
-        raise ModelError(
-            f"model.num_classes: {cfg.num_classes}, but {cfg.path or cfg.arch} outputs {y.shape[1]} channels"
-        )
+        raise ModelError(f"model.path: {label}: expected a 4-D logits tensor (N, classes, H, W), got {got}")
+    if y.shape[1] != num_classes:
+        raise ModelError(f"model.num_classes: {num_classes}, but {label} outputs {y.shape[1]} channels")
     dh, dw = size - y.shape[2], size - y.shape[3]
     if dh != dw or dh < 0 or dh % 2:
         raise ModelError(
-            f"model.path: {cfg.path}: a {size} x {size} input gave a {y.shape[2]} x {y.shape[3]} "
+            f"model.path: {label}: a {size} x {size} input gave a {y.shape[2]} x {y.shape[3]} "
             f"output; expected the same size or one smaller by an even border on both axes"
         )
     return dh // 2
