@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--ignore-colour", action="append", default=[], help="palette colour not counted (repeatable)")
     ev.add_argument("--absent", choices=["exclude", "nan"], default="exclude", help="absent-class policy of the means")
     ev.add_argument("--regions", type=int, default=None, help="per-region breakdown on a grid of this cell size")
+    ev.add_argument("--per-slice", action="store_true", help="per z-slice breakdown of label volumes (z, y, x)")
     ev.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for a mIoU interval")
     ev.add_argument("--confidence", type=float, default=0.95)
     ev.add_argument("--json", default=None, help="write the JSON report here")

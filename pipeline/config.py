@@ -267,8 +267,8 @@ class InferenceConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32", description="autocast precision of the forward pass; argmax in fp32"
     )
-    channels_last: bool | Literal["auto"] = Field(
-        default="auto", description="NHWC memory format; auto: on CUDA devices"
+    channels_last: bool = Field(
+        default=True, description="NHWC memory format (1.6-1.9x faster on CPU here, see docs/benchmarks.md)"
     )
     tta: Literal["none", "flips", "d4"] = Field(
         default="none", description="test-time augmentation: averaged logits of flips (4) or flips and 90-degree rotations (8)"
@@ -300,6 +300,7 @@ class EvaluationConfig(Section):
     )
     absent_classes: Literal["exclude", "nan"] = "exclude"
     regions: int | None = Field(default=None, ge=1, description="grid cell edge for a per-region breakdown")
+    per_slice: bool = Field(default=False, description="per z-slice breakdown of label volumes")
     bootstrap: int = Field(default=0, ge=0, description="bootstrap resamples of mIoU over regions")
     confidence: float = Field(default=0.95, gt=0, lt=1)
 
@@ -311,8 +312,6 @@ class EvaluationConfig(Section):
             colours = [c.colour for c in self.classes]
             if len(set(colours)) != len(colours):
                 raise ValueError("distinct colours, one per class")
-        if self.bootstrap and self.regions is None:
-            raise ValueError("regions (the units to resample) when bootstrap is set")
         return self
 
 

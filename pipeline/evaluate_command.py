@@ -33,6 +33,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if cfg.classes is not None and len(cfg.classes) != num_classes:
         raise PipelineError(f"--classes: {len(cfg.classes)} classes listed for {num_classes} classes")
     spec = evaluation_spec(cfg, num_classes)
+    if cfg.bootstrap and len(pairs) == 1 and not spec.breakdown:
+        raise PipelineError("--bootstrap: needs several images, --regions or --per-slice (the units to resample)")
     files = ReportFiles(
         json=_path(args.json), csv=_path(args.csv), heatmap=_path(args.heatmap), preview=_path(args.preview)
     )
@@ -57,6 +59,7 @@ def _config(args: argparse.Namespace) -> EvaluationConfig:
         "ignore_colours": list(args.ignore_colour),
         "absent_classes": args.absent,
         "regions": args.regions,
+        "per_slice": args.per_slice,
         "bootstrap": args.bootstrap,
         "confidence": args.confidence,
     }

@@ -4,7 +4,8 @@ Each chunk pair is decoded (class ids, palette colours, binary masks) and gives 
 confusion matrix (:func:`metrics.confusion_matrix`); Dask sums them in a tree. Memory is
 one chunk pair per task whatever the image size, and the counts are exact: the same as
 one whole-image computation. With ``region`` set, chunks are the grid cells of a
-per-region breakdown and their matrices are kept.
+per-region breakdown and their matrices are kept; with ``per_slice``, a label volume
+``(z, y, x)`` is chunked one z-slice at a time for a per-slice breakdown.
 
 Several images (folders or globs) are paired by their path relative to the folder (or the
 glob's fixed prefix) without the suffix: ``pred/a/x.tif`` pairs with ``truth/a/x.png``.
@@ -13,7 +14,7 @@ glob's fixed prefix) without the suffix: ``pred/a/x.tif`` pairs with ``truth/a/x
 from __future__ import annotations
 
 import glob as globlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import dask
@@ -38,7 +39,12 @@ class EvaluationSpec:
     encoding: LabelEncoding = LabelEncoding()
     absent: AbsentPolicy = "exclude"
     region: int | None = None
+    per_slice: bool = False
     class_names: tuple[str, ...] | None = None
+
+    @property
+    def breakdown(self) -> bool:
+        return self.region is not None or self.per_slice
 
     @property
     def names(self) -> list[str]:
@@ -58,25 +64,29 @@ class PairResult:
     pair: LabelPair
     confusion: np.ndarray
     shape: tuple[int, ...]
-    regions: np.ndarray | None = field(default=None, repr=False)  # (rows, cols, K, K)
+    regions: np.ndarray | None = field(default=None, repr=False)  # (*grid, K, K)
+    cell: tuple[int, ...] | None = None  # spatial shape of one region
 
 
 def evaluate_pairs(pairs: list[LabelPair], spec: EvaluationSpec) -> list[PairResult]:
     """Confusion matrices of every pair, computed together in one Dask graph."""
-    lazy, shapes = [], []
+    lazy, shapes, cells = [], [], []
     for pair in pairs:
-        blocks, shape = _block_confusions(pair, spec)
+        blocks, shape, cell = _block_confusions(pair, spec)
         shapes.append(shape)
-        lazy.append(blocks if spec.region else blocks.sum(axis=(0, 1), dtype=np.int64))
+        cells.append(cell)
+        grid_axes = tuple(range(blocks.ndim - 2))
+        lazy.append(blocks if spec.breakdown else blocks.sum(axis=grid_axes, dtype=np.int64))
     try:
         computed = dask.compute(*lazy)
     except (ClassIdError, EncodingError) as exc:  # raised where no block location is known
         raise EvaluationError(str(exc)) from None
     results = []
-    for pair, shape, value in zip(pairs, shapes, computed):
+    for pair, shape, cell, value in zip(pairs, shapes, cells, computed):
         value = np.asarray(value, dtype=np.int64)
-        if spec.region:
-            results.append(PairResult(pair, value.sum(axis=(0, 1)), shape, value))
+        if spec.breakdown:
+            total = value.sum(axis=tuple(range(value.ndim - 2)))
+            results.append(PairResult(pair, total, shape, value, cell))
         else:
             results.append(PairResult(pair, value, shape))
     return results
@@ -93,19 +103,22 @@ def confusion_matrix_dask(
     _check_shapes(truth.shape, pred.shape, names)
     spec = EvaluationSpec(num_classes, ignore_index)
     blocks = _confusion_blocks(truth[None], pred.rechunk(truth.chunks)[None], None, spec, spec.encoding, names)
-    return blocks.sum(axis=(0, 1), dtype=np.int64).compute()
+    return blocks.sum(axis=tuple(range(truth.ndim)), dtype=np.int64).compute()
 
 
-def _block_confusions(pair: LabelPair, spec: EvaluationSpec) -> tuple[da.Array, tuple[int, ...]]:
+def _block_confusions(
+    pair: LabelPair, spec: EvaluationSpec
+) -> tuple[da.Array, tuple[int, ...], tuple[int, ...]]:
+    """Per-block matrices of one pair, its spatial shape and the spatial shape of a block."""
     if is_label_volume(pair.prediction.path):
         pred = da.from_zarr(open_label_volume(pair.prediction.path))[None]
         pred_encoding = LabelEncoding()  # volumes written by the pipeline hold class ids
     else:
-        pred = as_dask_array(pair.prediction)
+        pred = as_dask_array(_as_volume(pair.prediction))
         pred_encoding = spec.encoding
-    chunks = (spec.region, spec.region) if spec.region else pred.chunksize[1:]
-    pred = pred.rechunk((pred.shape[0],) + tuple(chunks)) if spec.region else pred
-    truth = as_dask_array(pair.truth, chunks=chunks)
+    chunks = _chunks(pred.shape[1:], pred.chunksize[1:], spec)
+    pred = pred.rechunk((pred.shape[0],) + chunks)
+    truth = as_dask_array(_as_volume(pair.truth), chunks=chunks)
     names = (f"{pair.truth.field}: {pair.truth.path}", f"{pair.prediction.field}: {pair.prediction.path}")
     _check_shapes(truth.shape[1:], pred.shape[1:], names)
     for array, encoding, name in ((truth, spec.encoding, names[0]), (pred, pred_encoding, names[1])):
@@ -118,10 +131,26 @@ def _block_confusions(pair: LabelPair, spec: EvaluationSpec) -> tuple[da.Array, 
             raise EvaluationError(f"{name}: expected integer class ids, got dtype {array.dtype}")
     mask = None
     if pair.ignore_mask is not None:
-        mask = as_dask_array(pair.ignore_mask, chunks=chunks)
+        mask = as_dask_array(_as_volume(pair.ignore_mask), chunks=chunks)
         _check_shapes(mask.shape[1:], pred.shape[1:], (f"ignore mask {pair.ignore_mask.path}", names[1]))
     blocks = _confusion_blocks(truth, pred, mask, spec, pred_encoding, names)
-    return blocks, tuple(pred.shape[1:])
+    return blocks, tuple(pred.shape[1:]), chunks
+
+
+def _chunks(shape: tuple[int, ...], stored: tuple[int, ...], spec: EvaluationSpec) -> tuple[int, ...]:
+    """Block shape: region cells in y/x, single slices in z (a breakdown), else as stored."""
+    chunks = list(stored)
+    if spec.region:
+        chunks[-2:] = [spec.region, spec.region]
+    if len(shape) == 3:
+        chunks[0] = 1 if spec.per_slice else chunks[0]
+        if spec.per_slice and not spec.region:
+            chunks[1:] = list(shape[1:])
+    return tuple(int(min(c, n)) for c, n in zip(chunks, shape))
+
+
+def _as_volume(spec: ImageSpec) -> ImageSpec:
+    return replace(spec, volume=True)
 
 
 def _confusion_blocks(
@@ -134,6 +163,7 @@ def _confusion_blocks(
 ) -> da.Array:
     """Per-block confusion matrices ``(rows, cols, K, K)`` of channel-first label arrays."""
     k = spec.num_classes
+    nd = truth.ndim - 1  # spatial axes
     args = [truth, pred] + ([mask] if mask is not None else [])
     return da.map_blocks(
         _block_confusion,
@@ -142,10 +172,10 @@ def _confusion_blocks(
         pred_encoding=pred_encoding,
         names=names,
         drop_axis=0,
-        new_axis=[2, 3],
-        chunks=(1, 1, k, k),
+        new_axis=[nd, nd + 1],
+        chunks=(1,) * nd + (k, k),
         dtype=np.int64,
-        meta=np.empty((0, 0, 0, 0), dtype=np.int64),
+        meta=np.empty((0,) * (nd + 2), dtype=np.int64),
     )
 
 
@@ -186,7 +216,7 @@ def _block_confusion(
             f"{name} holds class ids {shown}{where}; expected {allowed} "
             f"(num_classes: {spec.num_classes})"
         ) from None
-    return cm.reshape((1, 1) + cm.shape)
+    return cm.reshape((1,) * (truth.ndim - 1) + cm.shape)
 
 
 def _check_shapes(a: tuple[int, ...], b: tuple[int, ...], names: tuple[str, str]) -> None:

@@ -79,6 +79,7 @@ def evaluation_spec(cfg: EvaluationConfig, num_classes: int) -> EvaluationSpec:
         encoding=encoding,
         absent=cfg.absent_classes,
         region=cfg.regions,
+        per_slice=cfg.per_slice,
         class_names=tuple(c.name for c in classes) if classes else None,
     )
 
@@ -163,6 +164,10 @@ def _check_truth(wf: Workflow, image: ImageReader) -> ImageReader:
         )
     if ev.encoding == "binary" and k != 2:
         raise EvaluationError(f"evaluation.encoding: binary masks have 2 classes, but model.num_classes is {k}")
+    if ev.bootstrap and ev.regions is None:
+        raise EvaluationError(
+            "evaluation.bootstrap: needs evaluation.regions, the units to resample within one image"
+        )
     mask = ignore_mask_spec(wf)
     if mask is not None and open_image(mask).shape != image.shape:
         raise EvaluationError(

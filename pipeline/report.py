@@ -104,21 +104,26 @@ def summarize(
         for r in results
     ]
     units = None
-    if spec.region:
+    if spec.breakdown:
         cells = []
         for r in results:
-            rows, cols = r.regions.shape[:2]
-            for i in range(rows):
-                for j in range(cols):
-                    cells.append(
-                        {
-                            "image": r.pair.name,
-                            "offset": [i * spec.region, j * spec.region],
-                            **_brief(scores_from_confusion(r.regions[i, j], spec.absent)),
-                        }
-                    )
-        doc["regions"] = {"cell": spec.region, "per_region": cells}
-        units = ("regions", np.concatenate([r.regions.reshape(-1, *r.regions.shape[2:]) for r in results]))
+            assert r.regions is not None and r.cell is not None
+            for index in np.ndindex(*r.regions.shape[:-2]):
+                cells.append(
+                    {
+                        "image": r.pair.name,
+                        "offset": [i * c for i, c in zip(index, r.cell)],
+                        "shape": [min(c, n - i * c) for i, c, n in zip(index, r.cell, r.shape)],
+                        **_brief(scores_from_confusion(r.regions[index], spec.absent)),
+                    }
+                )
+        doc["regions"] = {
+            "kind": "z-slices" if spec.per_slice and not spec.region else "grid cells",
+            "cell": spec.region,
+            "per_slice": spec.per_slice,
+            "per_region": cells,
+        }
+        units = ("regions", np.concatenate([r.regions.reshape(-1, *r.regions.shape[-2:]) for r in results]))
     elif len(results) > 1:
         units = ("images", np.stack([r.confusion for r in results]))
     if bootstrap and units is not None:

@@ -6,7 +6,7 @@ The same code serves ``pipeline evaluate`` and the ``evaluation:`` section of a 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,21 +75,22 @@ def evaluate_and_report(
 def write_preview(pair: LabelPair, spec: EvaluationSpec, path: Path, image: ImageSpec | None) -> None:
     """Downsampled image, truth and prediction of one pair, in class colours."""
     pred = _labels(pair.prediction)
-    step = max(1, math.ceil(max(pred.shape[1:]) / PREVIEW_EDGE))
-    sample = (slice(None), slice(None, None, step), slice(None, None, step))
+    step = max(1, math.ceil(max(pred.shape[-2:]) / PREVIEW_EDGE))
+    middle = (pred.shape[1] // 2,) if pred.ndim == 4 else ()  # a volume: its middle z-slice
+    sample = (slice(None), *middle, slice(None, None, step), slice(None, None, step))
     pred_ids, _ = _decode(pred[sample].compute(), _encoding_of(pair.prediction, spec))
-    truth_ids, ignored = _decode(as_dask_array(pair.truth)[sample].compute(), spec.encoding)
+    truth_ids, ignored = _decode(as_dask_array(replace(pair.truth, volume=True))[sample].compute(), spec.encoding)
     if spec.ignore_index is not None:
         extra = truth_ids == spec.ignore_index
         ignored = extra if ignored is None else ignored | extra
     if pair.ignore_mask is not None:
-        extra = as_dask_array(pair.ignore_mask)[sample].compute()[0] != 0
+        extra = as_dask_array(replace(pair.ignore_mask, volume=True))[sample].compute()[0] != 0
         ignored = extra if ignored is None else ignored | extra
-    base = (
-        as_dask_array(image)[sample].compute()
-        if image is not None
-        else np.full((1,) + pred_ids.shape, 128, np.uint8)
-    )
+    if image is not None:
+        full = as_dask_array(replace(image, volume=True))
+        base = full[(slice(None), *middle[: full.ndim - 3], slice(None, None, step), slice(None, None, step))].compute()
+    else:
+        base = np.full((1,) + pred_ids.shape, 128, np.uint8)
     colours = class_colours(spec.num_classes, spec.encoding.palette)
     overlay_preview(base, truth_ids, pred_ids, colours, path, ignored)
 
@@ -97,7 +98,7 @@ def write_preview(pair: LabelPair, spec: EvaluationSpec, path: Path, image: Imag
 def _labels(spec: ImageSpec) -> da.Array:
     if is_label_volume(spec.path):
         return da.from_zarr(open_label_volume(spec.path))[None]
-    return as_dask_array(spec)
+    return as_dask_array(replace(spec, volume=True))
 
 
 def _encoding_of(spec: ImageSpec, evaluation: EvaluationSpec) -> LabelEncoding:

@@ -118,3 +118,18 @@ def test_bad_inputs_exit_non_zero_with_a_clear_message(tmp_path, capsys, case, m
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert re.search(message, err), err
+
+
+def test_volume_per_slice_bootstrap_report(tmp_path) -> None:
+    labels = shared_data("microscopy", "isbi2012_em_membranes", "labels")
+    truth = np.stack([np.asarray(Image.open(labels / f"{i}.png")) for i in range(10)])
+    tifffile.imwrite(tmp_path / "truth.tif", truth)
+    tifffile.imwrite(tmp_path / "pred.tif", np.roll(truth, 3, axis=2), tile=(256, 256))
+    argv = ["evaluate", str(tmp_path / "pred.tif"), str(tmp_path / "truth.tif"), "--encoding", "binary",
+            "--per-slice", "--bootstrap", "200", "--json", str(tmp_path / "r.json"), "--preview", str(tmp_path / "p.png")]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["regions"]["kind"] == "z-slices" and len(doc["regions"]["per_region"]) == 10
+    assert [r["offset"][0] for r in doc["regions"]["per_region"]] == list(range(10))
+    assert doc["bootstrap"]["unit"] == "regions" and doc["bootstrap"]["units"] == 10
+    assert Image.open(tmp_path / "p.png").size == (3 * 512 + 16, 512 + 26)

@@ -184,3 +184,21 @@ def test_bad_inputs(tmp_path) -> None:
     zarr.create_array(str(tmp_path / "empty.zarr"), shape=(0, 5), dtype="uint8")
     with pytest.raises(InputImageError, match="empty"):
         evaluate_pairs([pair("empty.zarr", "a.tif")], spec)
+
+
+def test_label_volumes_with_a_per_slice_breakdown(tmp_path) -> None:
+    """The ISBI stack as one (30, 512, 512) volume: per z-slice matrices equal scikit-learn's."""
+    folder = shared_data("microscopy", "isbi2012_em_membranes", "labels")
+    truth = np.stack([np.asarray(Image.open(folder / f"{i}.png")) for i in range(30)])
+    rng = np.random.default_rng(3)
+    pred = np.where(rng.random(truth.shape) < 0.02 * (1 + np.arange(30))[:, None, None], 255 - truth, truth)
+    tifffile.imwrite(tmp_path / "truth.tif", truth)  # multipage: one page per slice
+    zarr.create_array(str(tmp_path / "pred.zarr"), data=pred.astype(np.uint8), chunks=(7, 200, 300))
+    pairs = pair_paths(str(tmp_path / "pred.zarr"), str(tmp_path / "truth.tif"))
+    [result] = evaluate_pairs(pairs, EvaluationSpec(2, encoding=LabelEncoding("binary"), per_slice=True))
+    assert result.regions.shape == (30, 1, 1, 2, 2)
+    for z in range(30):
+        expected = sk_confusion_matrix(truth[z].ravel() // 255, pred[z].ravel() // 255, labels=[0, 1])
+        np.testing.assert_array_equal(result.regions[z, 0, 0], expected)
+    accuracy = [np.trace(result.regions[z, 0, 0]) / truth[z].size for z in range(30)]
+    assert accuracy == sorted(accuracy, reverse=True)  # more flips deeper in the stack

@@ -91,6 +91,7 @@ def test_device_resolution(monkeypatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # a batch job given one GPU
     assert resolve_device("auto", 5) == "cuda:0"
     assert Runtime.from_config(InferenceConfig(device="auto"), 1).channels_last is True
+    assert Runtime.from_config(InferenceConfig(device="cpu", channels_last=False)).channels_last is False
 
 
 @pytest.mark.gpu

@@ -37,6 +37,7 @@ class ImageSpec:
     channel_axis: int | None = None
     field: str = "input.path"
     channels: tuple[int, ...] | None = None
+    volume: bool = False  # also accept 3 spatial axes (z, y, x): label volumes for evaluation
 
 
 class ImageReader:
@@ -49,6 +50,7 @@ class ImageReader:
         self._lock = threading.Lock() if keepalive is not None else None
         ndim = array.ndim
         axis = spec.channel_axis
+        spatial_ok = (2, 3) if spec.volume else (2,)
         if axis is not None:
             if not -ndim <= axis < ndim:
                 raise InputImageError(
@@ -56,19 +58,20 @@ class ImageReader:
                     f"[{-ndim}, {ndim - 1}] for an image of shape {array.shape}, got {axis}"
                 )
             axis %= ndim
-            if ndim != 3:
+            if ndim - 1 not in spatial_ok:
                 raise InputImageError(
                     f"{spec.path}: expected a 2D image with one channel axis (3 axes), got shape "
                     f"{array.shape}; 3D volumes are not supported yet"
                 )
-        elif ndim != 2:
+        elif ndim not in spatial_ok:
             hint = (
                 f"; if the last axis holds channels (e.g. RGB), set input.channel_axis: {ndim - 1}"
                 if ndim == 3
                 else ""
             )
+            what = "a 2D image or a 3D volume" if spec.volume else "a 2D image"
             raise InputImageError(
-                f"{spec.path}: expected a 2D image (or input.channel_axis for a multi-channel "
+                f"{spec.path}: expected {what} (or input.channel_axis for a multi-channel "
                 f"one), got {ndim} axes with shape {array.shape}{hint}"
             )
         self._channel_axis = axis
