@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Not part of the test suite: side-by-side measurements, written to docs/benchmarks.md.
+benchmark: $(STAMP)
+	$(BIN)/python -m benchmarks.inference --size 2048 --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) workflows/demo-data workflows/out
