@@ -29,7 +29,7 @@ from .errors import TilingError
 from .geometry import Box
 from .mirror import MirrorMode
 
-AUTO_TILE_START = 2048
+AUTO_TILE_START = 1024  # fastest write box on CPUs here (docs/benchmarks.md); GPUs batch tiles instead
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def plan_tiles(
 ) -> TilePlan:
     """Choose tile, context and blocks for an image; explain in a TilingError when impossible.
 
-    ``tile=None`` chooses automatically: the largest legal tile up to 2048 whose batch of
+    ``tile=None`` chooses automatically: the largest legal tile up to 1024 whose batch of
     read boxes fits ``memory_budget`` at ``bytes_per_read_pixel``. ``halo`` overrides the
     network's own halo (it may only add context, never remove it).
     """
