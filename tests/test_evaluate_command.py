@@ -66,6 +66,18 @@ def test_folders_with_every_report(isbi, capsys) -> None:
     assert 0.05 < red.mean() < 0.15  # the 10% flipped pixels show as errors
 
 
+def test_bootstrap_over_images(isbi) -> None:
+    report = isbi / "r.json"
+    argv = ["evaluate", str(isbi / "pred"), str(isbi / "truth"), "--encoding", "binary",
+            "--bootstrap", "300", "--confidence", "0.9", "--json", str(report)]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads(report.read_text())
+    assert doc["bootstrap"]["unit"] == "images" and doc["bootstrap"]["units"] == 5
+    assert doc["bootstrap"]["confidence"] == 0.9 and "regions" not in doc
+    low, high = doc["bootstrap"]["mean_iou_interval"]
+    assert low <= doc["pooled"]["mean_iou"] <= high
+
+
 def test_palette_masks_with_class_names(tmp_path, capsys) -> None:
     masks = shared_data("aerial", "dubai_mbrsc_semantic_segmentation", "Tile 1", "masks")
     classes = tmp_path / "classes.yaml"
