@@ -46,8 +46,3 @@ class ExecutionError(PipelineError):
     """A block failed on a worker; names the block and the cause."""
 
     exit_code = 1
-
-
-def field_error(source: str, field: str, expected: str, got: object) -> str:
-    """Format the standard message: ``source: field: expected X, got Y``."""
-    return f"{source}: {field}: expected {expected}, got {got!r}"

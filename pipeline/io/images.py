@@ -235,17 +235,6 @@ def as_dask_array(spec: ImageSpec, chunks: tuple[int, ...] | None = None) -> da.
     )
 
 
-def as_dask_labels(spec: ImageSpec, chunks: tuple[int, ...] | None = None) -> da.Array:
-    """A single-channel label image as a Dask array of its spatial shape."""
-    array = as_dask_array(spec, chunks)
-    if array.shape[0] != 1:
-        raise InputImageError(
-            f"{spec.field}: {spec.path}: expected a single-channel label image, got "
-            f"{array.shape[0]} channels"
-        )
-    return array[0]
-
-
 class _LazyImage:
     """Array-like ``(C, *spatial)`` view of an image for ``dask.array.from_array``."""
 

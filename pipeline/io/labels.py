@@ -165,10 +165,6 @@ def is_label_volume(path: str) -> bool:
     return _status_of(Path(path)) is not None
 
 
-def read_provenance(path: str) -> dict[str, Any]:
-    return dict(zarr.open_group(path, mode="r").attrs.get("pipeline", {}))
-
-
 def _status_of(path: Path) -> str | None:
     if not (path / "zarr.json").is_file():
         return None
