@@ -169,9 +169,10 @@ def _check_truth(wf: Workflow, image: ImageReader) -> ImageReader:
             "evaluation.bootstrap: needs evaluation.regions, the units to resample within one image"
         )
     mask = ignore_mask_spec(wf)
-    if mask is not None and open_image(mask).shape != image.shape:
+    mask_shape = open_image(mask).shape if mask is not None else image.shape
+    if mask is not None and mask_shape != image.shape:
         raise EvaluationError(
-            f"evaluation.ignore_mask: {mask.path} has shape {open_image(mask).shape}, but the "
+            f"evaluation.ignore_mask: {mask.path} has shape {mask_shape}, but the "
             f"image has spatial shape {image.shape}"
         )
     return truth

@@ -75,7 +75,7 @@ def summarize(
 ) -> dict[str, Any]:
     """The report document of one evaluation (see the module docstring)."""
     names = spec.names
-    pooled = scores_from_confusion(sum(r.confusion for r in results), spec.absent)
+    pooled = pooled_scores(results, spec)
     doc: dict[str, Any] = {
         "num_classes": spec.num_classes,
         "class_names": names,
@@ -136,6 +136,11 @@ def summarize(
             "mean_iou_interval": [_num(low), _num(high)],
         }
     return doc
+
+
+def pooled_scores(results: list[PairResult], spec: EvaluationSpec) -> Scores:
+    """Dataset-level statistics: of the confusion matrices summed over every image."""
+    return scores_from_confusion(sum(r.confusion for r in results), spec.absent)
 
 
 def format_table(scores: Scores, names: list[str]) -> str:

@@ -18,8 +18,8 @@ from .evaluation import EvaluationSpec, LabelPair, evaluate_pairs
 from .figures import class_colours, confusion_heatmap, overlay_preview
 from .io.images import ImageSpec, as_dask_array
 from .io.labels import is_label_volume, open_label_volume
-from .metrics import Scores, scores_from_confusion
-from .report import summarize, write_csv, write_json
+from .metrics import Scores
+from .report import pooled_scores, summarize, write_csv, write_json
 
 PREVIEW_EDGE = 1000
 
@@ -60,7 +60,7 @@ def evaluate_and_report(
     results = evaluate_pairs(pairs, spec)
     doc = summarize(results, spec, bootstrap, confidence)
     doc.update(extra or {})
-    pooled = scores_from_confusion(sum(r.confusion for r in results), spec.absent)
+    pooled = pooled_scores(results, spec)
     if files.json:
         write_json(files.json, doc)
     if files.csv:

@@ -82,8 +82,8 @@ def read_description(path: str) -> Description:
     post = outputs[0].get("postprocessing") or []
     return Description(
         version=version,
-        normalize=_normalization(pre, version, path),
-        threshold=_threshold(post, version, path),
+        normalize=_normalization(pre, path),
+        threshold=_threshold(post, path),
         weights=rdf.get("weights") or {},
         folder=p.parent,
         name=str(rdf.get("name", p.parent.name)),
@@ -172,7 +172,7 @@ def _spatial_rule(y: tuple[int, int], x: tuple[int, int], path: str) -> tuple[in
     return int(y[0]), int(y[1])  # step 0: a fixed size
 
 
-def _normalization(ops: list[dict], version: str, path: str) -> NormalizeConfig | None:
+def _normalization(ops: list[dict], path: str) -> NormalizeConfig | None:
     kept = [op for op in ops if _op_name(op) != "ensure_dtype"]
     if not kept:
         return None
@@ -204,7 +204,7 @@ def _normalization(ops: list[dict], version: str, path: str) -> NormalizeConfig 
     raise ModelError(f"model.path: {path}: preprocessing {name!r} is not supported")
 
 
-def _threshold(ops: list[dict], version: str, path: str) -> float | None:
+def _threshold(ops: list[dict], path: str) -> float | None:
     threshold = None
     for op in ops:
         name = _op_name(op)

@@ -146,10 +146,10 @@ def _load_bioimageio(cfg: BioimageioConfig, device: str) -> LoadedModel:
     module, desc = load_bioimageio(cfg, device)
     step = max(1, desc.size_step)
     rule = (desc.size_min, step, desc.size_min if desc.size_step == 0 else None)
-    label = f"{cfg.path} ({desc.name})"
-    trim = probe_trim(module, cfg.in_channels, cfg.num_classes, rule, 2 * desc.halo + 1, label, device)
     if cfg.in_channels != desc.in_channels:
         raise ModelError(f"model.in_channels: {cfg.in_channels}, but {cfg.path} expects {desc.in_channels}")
+    label = f"{cfg.path} ({desc.name})"
+    trim = probe_trim(module, cfg.in_channels, cfg.num_classes, rule, 2 * desc.halo + 1, label, device)
     halo = trim + desc.halo  # the description's halo is cropped from the output
     if cfg.halo != "auto":
         halo = max(halo, int(cfg.halo))
