@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from distributed import Client, LocalCluster
 
 from .config import ClusterConfig
+from .errors import PipelineError
+
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -61,16 +64,77 @@ def cluster_shape(cfg: ClusterConfig, device: str = "auto") -> ClusterShape:
     return ClusterShape(workers, threads, max(1, cores // (workers * threads)))
 
 
+def check_cluster(cfg: ClusterConfig, device: str, task_bytes: int) -> ClusterShape:
+    """What ``validate`` can know of a local cluster: workers, threads and memory fit the machine."""
+    shape = cluster_shape(cfg, device)
+    cores = available_cores()
+    if cfg.n_workers != "auto" and shape.n_workers > cores:
+        raise PipelineError(
+            f"cluster.n_workers: {shape.n_workers} worker processes on a machine with {cores} "
+            f"core{'s' * (cores > 1)}; expected at most {cores} (or auto)"
+        )
+    if cfg.threads_per_worker != "auto" and shape.threads_per_worker > 4 * cores:
+        raise PipelineError(
+            f"cluster.threads_per_worker: {shape.threads_per_worker} threads on {cores} "
+            f"core{'s' * (cores > 1)}; expected at most {4 * cores}"
+        )
+    concurrent = shape.n_workers * shape.threads_per_worker
+    memory = total_memory()
+    if memory and concurrent * task_bytes > memory:
+        raise PipelineError(
+            f"tiling.tile: {concurrent} concurrent task{'s' * (concurrent > 1)} of "
+            f"~{task_bytes / 2**30:.1f} GiB each need more than this machine's "
+            f"{memory / 2**30:.1f} GiB; choose a smaller tile or batch size, or fewer workers"
+        )
+    if cfg.dashboard is not None:
+        try:
+            import bokeh  # noqa: F401
+        except ImportError:
+            raise PipelineError(
+                "cluster.dashboard: the Dask dashboard needs the bokeh package (pip install "
+                "'bokeh>=3.1'); set dashboard: null to run without it"
+            ) from None
+    if device.startswith("cuda") and gpu_count() == 0:
+        raise PipelineError(
+            f"inference.device: {device} was requested, but this machine has no CUDA device "
+            f"visible to torch; use auto or cpu"
+        )
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= gpu_count():
+        raise PipelineError(
+            f"inference.device: {device}, but this machine has {gpu_count()} CUDA "
+            f"device{'s' * (gpu_count() != 1)} (cuda:0 .. cuda:{gpu_count() - 1})"
+        )
+    return shape
+
+
+def total_memory() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:
+        return None
+
+
 @contextmanager
 def connect(cfg: ClusterConfig, device: str = "auto") -> Iterator[Client]:
-    """A client for the configured cluster, closed (and the cluster stopped) on exit."""
+    """A client for the configured cluster, closed (and the cluster stopped) on exit.
+
+    Everything listens on the loopback interface only: the scheduler, its HTTP endpoint
+    (a random port, so that two runs never fight over 8787) and the workers. The dashboard
+    is served only where ``cluster.dashboard`` asks. Workers ignore Ctrl-C: the driver
+    catches it and stops them, so one message is printed instead of a traceback per worker.
+    """
     shape = cluster_shape(cfg, device)
     cluster = LocalCluster(
         n_workers=shape.n_workers,
         threads_per_worker=shape.threads_per_worker,
         processes=True,
-        dashboard_address=None,
+        host=LOOPBACK,
+        dashboard_address=cfg.dashboard,
+        scheduler_kwargs=None if cfg.dashboard else {"dashboard": False, "dashboard_address": f"{LOOPBACK}:0"},
         silence_logs=logging.ERROR,
+        preload=["pipeline.worker_preload"],
     )
     try:
         with Client(cluster) as client:

@@ -7,6 +7,7 @@ against the workflow file's folder; URLs (``scheme://``) are left as they are.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,17 +40,30 @@ def _int_or_auto(minimum: int) -> Any:
     return Annotated[int | Literal["auto"], PlainValidator(check)]
 
 
+def _finite(value: object) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise ValueError("a finite number")
+
+
 def _float_or_list(value: object) -> float | tuple[float, ...]:
     def number(v: object) -> float:
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-        raise ValueError("a number or a list of numbers (one per channel)")
+        try:
+            return _finite(v)
+        except ValueError:
+            raise ValueError("a finite number or a list of finite numbers (one per channel)") from None
 
     if isinstance(value, (list, tuple)):
         if not value:
             raise ValueError("a number or a non-empty list of numbers (one per channel)")
         return tuple(number(v) for v in value)
     return number(value)
+
+
+def _path(value: object) -> str:
+    if isinstance(value, str) and value.strip() and "\x00" not in value:
+        return value
+    raise ValueError("a file path or URL (a non-empty string)")
 
 
 def _declared_halo(value: object) -> int:
@@ -106,6 +120,8 @@ def _device(value: object) -> str:
 # Plain validators lose pydantic's own serialisation of unions of tuples: say it here.
 _TupleAsList = PlainSerializer(lambda v: list(v) if isinstance(v, tuple) else v, return_type=Any)
 FloatOrList = Annotated[float | tuple[float, ...], PlainValidator(_float_or_list), _TupleAsList]
+FiniteFloat = Annotated[float, PlainValidator(_finite)]
+PathStr = Annotated[str, PlainValidator(_path)]
 
 
 class Section(BaseModel):
@@ -113,13 +129,20 @@ class Section(BaseModel):
 
 
 class InputConfig(Section):
-    path: str = Field(description="TIFF/BigTIFF (tiled or stripped) or zarr array")
+    path: PathStr = Field(description="TIFF/BigTIFF (tiled or stripped) or zarr array")
     channel_axis: int | None = Field(
         default=None, description="index of the channel axis of a multi-channel image"
     )
     channels: Annotated[tuple[int, ...] | None, PlainValidator(_channel_list), _TupleAsList] = Field(
         default=None, description="channels to use, in the order the model expects"
     )
+    series: int | None = Field(
+        default=None, ge=0, description="which image series of a TIFF holding several"
+    )
+    non_finite: Literal["error", "fill"] = Field(
+        default="error", description="NaN/infinite pixels of a float image: an error, or filled"
+    )
+    fill_value: FiniteFloat = Field(default=0.0, description="what non_finite: fill puts in their place")
 
 
 class NormalizeConfig(Section):
@@ -165,7 +188,7 @@ class NormalizeConfig(Section):
 
 
 class ModelBase(Section):
-    path: str | None = Field(default=None, description="weights file (or TorchScript file)")
+    path: PathStr | None = Field(default=None, description="weights file (or TorchScript file)")
     num_classes: int = Field(ge=2, le=65536)
     in_channels: int = Field(default=1, ge=1)
     halo: _int_or_auto(0) = "auto"  # type: ignore[valid-type]
@@ -213,14 +236,14 @@ class TorchScriptConfig(DeclaredGeometry):
     """A TorchScript file (``torch.jit.save``)."""
 
     arch: Literal["torchscript"]
-    path: str  # type: ignore[assignment]
+    path: PathStr  # type: ignore[assignment]
 
 
 class ExportConfig(DeclaredGeometry):
     """A ``torch.export`` program (``.pt2``); export with dynamic height and width."""
 
     arch: Literal["export"]
-    path: str  # type: ignore[assignment]
+    path: PathStr  # type: ignore[assignment]
 
 
 class CustomConfig(DeclaredGeometry):
@@ -240,10 +263,14 @@ class BioimageioConfig(ModelBase):
     """
 
     arch: Literal["bioimageio"]
-    path: str  # type: ignore[assignment]
+    path: PathStr  # type: ignore[assignment]
     weights: Literal["auto", "torchscript", "pytorch_state_dict"] = "auto"
     shift_period: int | None = Field(default=None, ge=1)
-    threshold: float = Field(default=0.5, description="for models with one output channel")
+    threshold: FiniteFloat = Field(default=0.5, description="for models with one output channel")
+    trust_code: bool = Field(
+        default=False,
+        description="run the Python architecture file shipped with the description (executes its code)",
+    )
 
 
 ModelConfig = Annotated[
@@ -276,7 +303,7 @@ class InferenceConfig(Section):
 
 
 class OutputConfig(Section):
-    path: str
+    path: PathStr
     overwrite: bool = False
 
 
@@ -288,9 +315,9 @@ class ClassConfig(Section):
 class EvaluationConfig(Section):
     """Ground truth and how to compare with it (see pipeline/metrics.py for definitions)."""
 
-    ground_truth: str
+    ground_truth: PathStr
     ignore_index: int | None = Field(default=None, ge=0)
-    ignore_mask: str | None = Field(default=None, description="label image; nonzero = not counted")
+    ignore_mask: PathStr | None = Field(default=None, description="label image; nonzero = not counted")
     encoding: Literal["indices", "binary", "palette"] = "indices"
     classes: list[ClassConfig] | None = Field(
         default=None, description="class names in id order; with colours for palette encoding"
@@ -315,10 +342,21 @@ class EvaluationConfig(Section):
         return self
 
 
+def _dashboard(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and re.fullmatch(r"[\w.\-\[\]:]*:\d{1,5}", value) and int(value.rsplit(":", 1)[1]) <= 65535:
+        return value
+    raise ValueError("null (no dashboard) or host:port to serve it on, e.g. 127.0.0.1:8787")
+
+
 class ClusterConfig(Section):
     kind: Literal["local"] = "local"
     n_workers: _int_or_auto(1) = "auto"  # type: ignore[valid-type]
     threads_per_worker: _int_or_auto(1) = "auto"  # type: ignore[valid-type]
+    dashboard: Annotated[str | None, PlainValidator(_dashboard)] = Field(
+        default=None, description="host:port of the Dask dashboard (needs bokeh); null: none"
+    )
 
 
 class Workflow(Section):
@@ -341,13 +379,22 @@ def load_workflow(path: str | Path) -> Workflow:
     """Read, validate and resolve a workflow file; raise WorkflowError naming every problem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise WorkflowError(f"{path}: workflow file not found") from None
+    except IsADirectoryError:
+        raise WorkflowError(f"{path}: is a folder, expected a workflow YAML file") from None
     except OSError as exc:
         raise WorkflowError(f"{path}: cannot read workflow file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise WorkflowError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            f"expected a YAML workflow file"
+        ) from None
     try:
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise WorkflowError(f"{path}: not a workflow: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

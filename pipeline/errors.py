@@ -34,12 +34,28 @@ class OutputExistsError(PipelineError):
     """The output already exists and the workflow does not allow overwriting it."""
 
 
+class OutputLockedError(OutputExistsError):
+    """Another run is writing the same output right now."""
+
+
+class OutputReplacedError(PipelineError):
+    """The output was replaced or removed while this run was writing it."""
+
+    exit_code = 1
+
+
 class OutputIncompleteError(PipelineError):
     """An output volume was opened for reading but its run never finished."""
 
 
 class EvaluationError(PipelineError):
     """Ground truth and prediction cannot be compared (shape, class ids)."""
+
+
+class NonFiniteOutputError(PipelineError):
+    """A model emitted NaN or infinite logits."""
+
+    exit_code = 1
 
 
 class ExecutionError(PipelineError):

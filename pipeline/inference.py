@@ -20,10 +20,13 @@ import torch
 from torch import nn
 
 from .config import InferenceConfig, ModelConfig, NormalizeConfig
+from .errors import InputImageError, NonFiniteOutputError
+from .geometry import Box
 from .io.images import ImageSpec, open_image
 from .io.labels import write_block
 from .mirror import read_mirrored
 from .models.loading import load_model
+from .nonfinite import fill_non_finite, find_non_finite
 from .runtime import Runtime, choose_batch_size, forward, prepare_module
 from .tiling import Block, TilePlan
 
@@ -41,6 +44,7 @@ class InferenceSpec:
     label_dtype: str
     inference: InferenceConfig = InferenceConfig()
     torch_threads: int | None = None
+    fill_value: float | None = None  # None: NaN/infinite input pixels are an error
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,12 @@ class BlockResult:
     pixels: int
     tiles: int
     seconds: float
+    filled: int = 0  # non-finite input pixels of the write box that were filled
+
+
+def share_spec(spec: InferenceSpec) -> InferenceSpec:
+    """The task whose result every block task shares (recomputable, unlike scattered data)."""
+    return spec
 
 
 def run_block(index: tuple[int, ...], spec: InferenceSpec) -> BlockResult:
@@ -59,10 +69,34 @@ def run_block(index: tuple[int, ...], spec: InferenceSpec) -> BlockResult:
     module = cached_module(spec.model, runtime, spec.torch_threads)
     image = open_image(spec.image)
     raw = image.read_box(block.read, spec.plan.mirror)
+    raw, filled = check_finite_input(raw, block, spec)
     x = normalise(raw, spec.normalize)
-    labels = predict_block(x, block, spec.plan, module, runtime, output="labels")
+    try:
+        labels = predict_block(x, block, spec.plan, module, runtime, output="labels")
+    except NonFiniteOutputError as exc:
+        raise NonFiniteOutputError(f"model {model_label(spec.model)} {exc}") from None
     write_block(spec.output_path, spec.run_id, block.write, labels.astype(spec.label_dtype))
-    return BlockResult(block.index, block.write.size, len(block.tiles), time.perf_counter() - start)
+    return BlockResult(block.index, block.write.size, len(block.tiles), time.perf_counter() - start, filled)
+
+
+def check_finite_input(raw: np.ndarray, block: Block, spec: InferenceSpec) -> tuple[np.ndarray, int]:
+    """Apply the non-finite policy to a block's read box; returns it and the write box's count."""
+    in_image = Box((0,) * block.read.ndim, spec.plan.image_shape)
+    if spec.fill_value is None:
+        found = find_non_finite(raw, block.read, in_image)
+        if found is not None:
+            raise InputImageError(
+                f"input.path: {spec.image.path} holds {found.describe()}, read for block "
+                f"{block.index}; set input.non_finite: fill (with input.fill_value) to replace them"
+            )
+        return raw, 0
+    found = find_non_finite(raw, block.read, block.write)
+    return fill_non_finite(raw, spec.fill_value), (found.count if found else 0)
+
+
+def model_label(cfg: ModelConfig) -> str:
+    """How messages name a model: its file, its factory, or its built-in architecture."""
+    return cfg.path or getattr(cfg, "factory", None) or f"{cfg.arch} (built in)"
 
 
 def normalise(x: np.ndarray, cfg: NormalizeConfig) -> np.ndarray:
@@ -120,6 +154,7 @@ def predict_block(
                 continue
             out_origin = tuple(o + trim for o in tile.read.offset)
             piece = tile_logits[(slice(None),) + keep.relative_to(out_origin).slices()]
+            check_finite_logits(piece, keep, runtime)
             piece_np = (piece.argmax(dim=0) if output == "labels" else piece).cpu().numpy()
             if result is None:
                 lead = piece_np.shape[: piece_np.ndim - block.write.ndim]
@@ -128,6 +163,18 @@ def predict_block(
     if result is None:
         raise ValueError(f"block {block.index} has no tiles inside the image")
     return result
+
+
+def check_finite_logits(piece: torch.Tensor, keep: Box, runtime: Runtime) -> None:
+    """NaN/infinite logits would make a quiet argmax of 0: they fail the block instead."""
+    bad = ~torch.isfinite(piece).all(dim=0)
+    if bool(bad.any()):
+        where = ", ".join(f"{a}:{b}" for a, b in zip(keep.offset, keep.stop))
+        hint = " (fp16 overflows above 65504: try precision bf16 or fp32)" if runtime.precision == "fp16" else ""
+        raise NonFiniteOutputError(
+            f"emitted {int(bad.sum())} NaN/infinite logits for pixels {where} from finite "
+            f"inputs{hint}"
+        )
 
 
 def measure_batch_size(

@@ -8,17 +8,20 @@ person reads it (``pipeline plan``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .cluster import ClusterShape, cluster_shape
+from .cluster import ClusterShape, check_cluster, cluster_shape
 from .config import DeclaredGeometry, EvaluationConfig, NormalizeConfig, Workflow
 from .encodings import LabelEncoding
 from .errors import EvaluationError, PipelineError
 from .evaluation import EvaluationSpec
 from .io.images import ImageReader, ImageSpec, open_image
 from .io.labels import check_output_free, label_dtype
+from .io.locations import check_not_an_input, check_writable
+from .io.locks import check_unlocked
 from .models.loading import LoadedModel, check_declared_halo, load_model
 from .scorecard import ReportFiles
 from .tiling import TilePlan, plan_tiles
@@ -50,7 +53,9 @@ class Prepared:
 
 
 def input_spec(wf: Workflow) -> ImageSpec:
-    return ImageSpec(wf.input.path, wf.input.channel_axis, "input.path", wf.input.channels)
+    return ImageSpec(
+        wf.input.path, wf.input.channel_axis, "input.path", wf.input.channels, series=wf.input.series
+    )
 
 
 def truth_spec(wf: Workflow) -> ImageSpec:
@@ -92,7 +97,35 @@ def prepare(wf: Workflow) -> Prepared:
         raise type(exc)(f"{wf.source}: {exc}") from None
 
 
+def report_files(wf: Workflow) -> list[Path]:
+    """The report files a run of ``wf`` writes beside its output (none without evaluation)."""
+    return [] if wf.evaluation is None else ReportFiles.beside(wf.output.path).written()
+
+
+def protected_inputs(wf: Workflow) -> dict[str, str | None]:
+    """Every file a run reads, by field: no output may be, hold or lie inside one."""
+    ev = wf.evaluation
+    return {
+        "input.path": wf.input.path,
+        "model.path": wf.model.path,
+        "evaluation.ground_truth": ev.ground_truth if ev else None,
+        "evaluation.ignore_mask": ev.ignore_mask if ev else None,
+        "workflow file": None if wf.source == "<memory>" else wf.source,
+    }
+
+
+def check_output_location(wf: Workflow) -> None:
+    """The output and its report files: not an input, somewhere writable."""
+    inputs = protected_inputs(wf)
+    check_not_an_input(wf.output.path, "output.path", inputs)
+    for report in report_files(wf):
+        check_not_an_input(str(report), "output.path (its report file)", inputs)
+    check_writable(wf.output.path, "output.path")
+
+
 def _prepare(wf: Workflow) -> Prepared:
+    check_output_location(wf)
+    check_unlocked(wf.output.path)
     image = open_image(input_spec(wf))
     cfg = wf.model
     if image.channels != cfg.in_channels:
@@ -116,7 +149,7 @@ def _prepare(wf: Workflow) -> Prepared:
     truth = None
     if wf.evaluation is not None:
         truth = _check_truth(wf, image)
-    check_output_free(wf.output.path, wf.output.overwrite)
+    check_output_free(wf.output.path, wf.output.overwrite, report_files(wf))
     notes = []
     segment = int(np.prod(image.chunks)) * image.channels * image.dtype.itemsize
     if segment > SEGMENT_NOTE_BYTES:
@@ -125,7 +158,7 @@ def _prepare(wf: Workflow) -> Prepared:
             f"({' x '.join(map(str, image.chunks))} px): every read decodes whole segments; "
             f"a tiled TIFF (e.g. tifffile.imwrite(..., tile=(512, 512))) or zarr reads faster"
         )
-    return Prepared(
+    prepared = Prepared(
         wf,
         image,
         model,
@@ -135,6 +168,8 @@ def _prepare(wf: Workflow) -> Prepared:
         normalize,
         tuple(notes),
     )
+    check_cluster(wf.cluster, wf.inference.device, estimate_task_bytes(prepared))
+    return prepared
 
 
 def _check_truth(wf: Workflow, image: ImageReader) -> ImageReader:

@@ -9,20 +9,22 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-from distributed import as_completed
+from distributed import KilledWorker, as_completed
 
 from . import __version__
 from .cluster import connect
 from .config import NormalizeConfig, Workflow
 from .errors import ExecutionError, PipelineError
 from .evaluation import LabelPair
-from .inference import InferenceSpec, measure_batch_size, run_block
+from .inference import InferenceSpec, measure_batch_size, run_block, share_spec
 from .io.images import ImageSpec
-from .io.labels import create_label_volume, mark_complete
+from .io.labels import create_label_volume, mark_complete, record_reports
+from .io.locks import output_lock
 from .metrics import Scores
 from .normalization import resolve_normalization
 from .planning import (
     Prepared,
+    check_output_location,
     describe_normalization,
     describe_plan,
     evaluation_spec,
@@ -30,6 +32,7 @@ from .planning import (
     input_spec,
     make_plan,
     prepare,
+    report_files,
     truth_spec,
 )
 from .progress import Progress, format_seconds
@@ -55,7 +58,8 @@ def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> R
     print(describe_plan(prepared), file=out, flush=True)
     image = input_spec(wf)
     scores = None
-    with connect(wf.cluster, wf.inference.device) as client:
+    reports = report_files(wf)
+    with output_lock(wf.output.path), connect(wf.cluster, wf.inference.device) as client:
         if wf.inference.batch_size == "auto":
             batch = client.submit(measure_batch_size, wf.model, wf.inference, plan.read_shape, pure=False).result()
             prepared = replace(prepared, plan=make_plan(wf, prepared.image, prepared.model, batch))
@@ -64,6 +68,7 @@ def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> R
         normalize = resolve_normalization(prepared.normalize, image)
         if not prepared.normalize.fixed:
             print(f"normalise  resolved: {describe_normalization(normalize)}", file=out, flush=True)
+        check_output_location(wf)
         run_id = create_label_volume(
             wf.output.path,
             shape=plan.image_shape,
@@ -71,6 +76,7 @@ def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> R
             dtype=prepared.label_dtype,
             provenance=_provenance(prepared, normalize),
             overwrite=wf.output.overwrite,
+            reports=reports,
         )
         spec = InferenceSpec(
             image=image,
@@ -83,22 +89,29 @@ def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> R
             inference=wf.inference,
             torch_threads=prepared.cluster.torch_threads,
         )
-        compute_seconds = _predict_all(client, spec, prepared, err)
-        mark_complete(
-            wf.output.path,
-            {
-                "blocks": plan.n_blocks,
-                "tiles": plan.n_tiles,
-                "seconds": round(compute_seconds, 3),
-                "megapixels_per_second": round(np.prod(plan.image_shape) / compute_seconds / 1e6, 4),
-            },
-        )
+        compute_seconds, filled = _predict_all(client, spec, prepared, err)
+        summary: dict[str, Any] = {
+            "blocks": plan.n_blocks,
+            "tiles": plan.n_tiles,
+            "seconds": round(compute_seconds, 3),
+            "megapixels_per_second": round(np.prod(plan.image_shape) / compute_seconds / 1e6, 4),
+        }
+        if filled:
+            summary["non_finite_pixels_filled"] = filled
+            print(
+                f"note: {filled} NaN/infinite input pixels (counted per read box, context "
+                f"included) were replaced by {wf.input.fill_value:g} (input.non_finite: fill)",
+                file=out,
+                flush=True,
+            )
+        mark_complete(wf.output.path, run_id, summary)
         print(f"labels     {wf.output.path} (complete)", file=out, flush=True)
         if wf.evaluation is not None:
-            scores, report_files = _evaluate(wf, prepared, out)
+            scores, report_files_written = _evaluate(wf, prepared, out)
+            record_reports(wf.output.path, run_id, report_files_written.written())
     total = time.perf_counter() - started
     print(f"done in {format_seconds(total)}", file=out, flush=True)
-    report_path = str(report_files.json) if scores is not None else None
+    report_path = str(reports[0]) if scores is not None else None
     return RunResult(wf.output.path, report_path, scores, total)
 
 
@@ -127,35 +140,61 @@ def _evaluate(wf: Workflow, prepared: Prepared, out: TextIO) -> tuple[Scores, Re
     return scores, files
 
 
-def _predict_all(client: Any, spec: InferenceSpec, p: Prepared, err: TextIO) -> float:
+def _predict_all(client: Any, spec: InferenceSpec, p: Prepared, err: TextIO) -> tuple[float, int]:
+    """Run every block; returns the compute seconds and the count of filled non-finite pixels.
+
+    The spec reaches the workers as the result of a task, not as scattered data: if the
+    worker holding it dies, the scheduler recomputes it elsewhere (or on the restarted
+    worker), and the blocks that worker was running are retried.
+    """
     plan = p.plan
     indices = [b.index for b in plan.blocks()]
     progress = Progress(plan.n_blocks, plan.n_tiles, err)
     start = time.perf_counter()
-    shared = client.scatter(spec, broadcast=True)
+    tag = spec.run_id[:8]
+    shared = client.submit(share_spec, spec, key=f"spec-{tag}", pure=False)
     futures = client.map(
         run_block,
         indices,
         spec=shared,
-        key=[f"predict-{spec.run_id[:8]}-{'-'.join(map(str, i))}" for i in indices],
+        key=[f"predict-{tag}-{'-'.join(map(str, i))}" for i in indices],
     )
     index_of = {f.key: i for f, i in zip(futures, indices)}
+    filled = 0
     try:
         for future in as_completed(futures):
-            if future.status == "error":
-                raise _block_failure(index_of[future.key], plan, future.exception(), spec)
+            if future.status != "finished":
+                raise _block_failure(index_of[future.key], plan, _exception_of(future), spec)
             result = future.result()
+            filled += result.filled
             progress.update(result.tiles, result.pixels)
     except BaseException:
-        client.cancel(futures)
+        client.cancel(futures + [shared])
         raise
-    return time.perf_counter() - start
+    return time.perf_counter() - start, filled
+
+
+def _exception_of(future: Any) -> BaseException:
+    if future.status == "cancelled":
+        return RuntimeError("the task was cancelled (the cluster lost it)")
+    try:
+        return future.exception()
+    except BaseException as exc:  # a lost future raises instead of returning its error
+        return exc
 
 
 def _block_failure(index: tuple[int, ...], plan: TilePlan, exc: BaseException, spec: InferenceSpec) -> PipelineError:
     box = plan.block(index).write
     where = ", ".join(f"{a}:{b}" for a, b in zip(box.offset, box.stop))
-    detail = str(exc) if isinstance(exc, PipelineError) else _one_line(exc)
+    if isinstance(exc, PipelineError):
+        detail = str(exc)
+    elif isinstance(exc, KilledWorker):
+        detail = (
+            "the worker process running it died each time it was tried (killed by the system, "
+            "e.g. for memory, or crashed in native code)"
+        )
+    else:
+        detail = _one_line(exc)
     return ExecutionError(
         f"block {index} (pixels {where}) of {spec.image.path} failed: {detail}; "
         f"{spec.output_path} is left marked incomplete"

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+
+from pipeline.io.ownership import KEY_ENV
 
 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def signing_key(tmp_path_factory) -> str:
+    """A signing key of the test session's own (inherited by `pipeline` subprocesses)."""
+    path = str(tmp_path_factory.mktemp("key") / "signing.key")
+    previous = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = path
+    yield path
+    if previous is None:
+        os.environ.pop(KEY_ENV, None)
+    else:
+        os.environ[KEY_ENV] = previous
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -38,6 +38,7 @@ class ImageSpec:
     field: str = "input.path"
     channels: tuple[int, ...] | None = None
     volume: bool = False  # also accept 3 spatial axes (z, y, x): label volumes for evaluation
+    series: int | None = None  # the image series of a TIFF holding several
 
 
 class ImageReader:
@@ -167,13 +168,11 @@ def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array | _InMemoryArray, object]:
     except Exception as exc:
         raise InputImageError(f"{spec.field}: {spec.path} is not a readable TIFF: {exc}") from None
     try:
-        if not tif.series:
-            raise InputImageError(f"{spec.field}: {spec.path}: TIFF holds no image series")
-        series = tif.series[0]
+        series = _choose_series(tif, spec)
         if series.dataoffset is not None and not series.is_multifile:
             # Uncompressed and contiguous: a memory map reads only the pages a region needs,
             # where the zarr view would decode whole strips (often one strip = the image).
-            array = _InMemoryArray(tifffile.memmap(spec.path, series=0, mode="r"))
+            array = _InMemoryArray(tifffile.memmap(spec.path, series=tif.series.index(series), mode="r"))
         else:
             array = zarr.open_array(series.aszarr(level=0), mode="r")
     except InputImageError:
@@ -183,6 +182,35 @@ def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array | _InMemoryArray, object]:
         tif.close()
         raise InputImageError(f"{spec.field}: {spec.path}: cannot read TIFF image: {exc}") from None
     return array, tif
+
+
+def _choose_series(tif: tifffile.TiffFile, spec: ImageSpec) -> tifffile.TiffPageSeries:
+    """The series the workflow chose, or the only one; pages of a stack are named, not guessed."""
+    found = tif.series
+    listing = "; ".join(f"{i}: {' x '.join(map(str, s.shape))} ({s.axes})" for i, s in enumerate(found[:8]))
+    if not found:
+        raise InputImageError(f"{spec.field}: {spec.path}: TIFF holds no image series")
+    if spec.series is not None:
+        if spec.series >= len(found):
+            raise InputImageError(
+                f"input.series: {spec.series}, but {spec.path} holds {len(found)} image series ({listing})"
+            )
+        series = found[spec.series]
+    elif len(found) > 1:
+        hint = "set input.series to the one to segment" if spec.field == "input.path" else "expected one"
+        raise InputImageError(
+            f"{spec.field}: {spec.path} holds {len(found)} image series ({listing}); {hint}"
+        )
+    else:
+        series = found[0]
+    stacked = series.ndim == 3 and series.axes[0] in "IZTQ" and series.axes[-1] != "S"
+    if stacked and spec.channel_axis is None and not spec.volume:
+        raise InputImageError(
+            f"{spec.field}: {spec.path} holds a stack of {series.shape[0]} pages of "
+            f"{series.shape[1]} x {series.shape[2]} (axes {series.axes}); expected one 2D image "
+            f"(3D stacks are not supported yet); if the pages are channels, set input.channel_axis: 0"
+        )
+    return series
 
 
 class _InMemoryArray:
@@ -208,6 +236,12 @@ def _open_zarr(spec: ImageSpec) -> zarr.Array:
         ) from None
     if isinstance(node, zarr.Array):
         return node
+    record = node.attrs.get("pipeline")
+    if isinstance(record, dict) and record.get("status") not in (None, "complete"):
+        raise InputImageError(
+            f"{spec.field}: {spec.path} is the label volume of an unfinished run (status "
+            f"{record.get('status')!r}); expected a complete one"
+        )
     multiscales = node.attrs.get("ome", {}).get("multiscales") or node.attrs.get("multiscales")
     if multiscales:
         return node[multiscales[0]["datasets"][0]["path"]]

@@ -14,8 +14,11 @@ retries a task whose worker died) writes the same bytes to the same whole chunk.
 from __future__ import annotations
 
 import datetime as _dt
-import shutil
+import json
+import os
+import re
 import uuid
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,12 +26,16 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..errors import OutputExistsError, OutputIncompleteError
+from ..errors import OutputExistsError, OutputIncompleteError, OutputReplacedError
 from ..geometry import Box
+from . import ownership
 
 LABEL_ARRAY = "0"
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
+# zarr's LocalStore writes through "<name>.<uuid hex>.partial" files: an interrupted write leaves one
+_METADATA = re.compile(r"zarr\.json|zarr\.[0-9a-f]{32}\.partial")
+_CHUNK_KEY = re.compile(r"(\d+)(\.[0-9a-f]{32}\.partial)?")
 
 
 def label_dtype(num_classes: int) -> np.dtype:
@@ -39,10 +46,21 @@ def label_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
-def check_output_free(path: str, overwrite: bool) -> None:
-    """Refuse to touch an existing output unless overwriting one of ours was asked for."""
+def check_output_free(path: str, overwrite: bool, reports: Sequence[str | Path] = ()) -> None:
+    """Refuse to touch an existing output unless overwriting one proven ours was asked for.
+
+    ``reports`` are the files a run writes beside the volume: they follow the same rule
+    (replaced only when the volume being replaced records them with their current bytes).
+    """
     p = Path(path)
-    if not p.exists():
+    existing = [str(r) for r in reports if Path(r).exists() or Path(r).is_symlink()]
+    if not p.exists() and not p.is_symlink():
+        if existing:
+            raise OutputExistsError(
+                f"output.path: report file {existing[0]} already exists and no label volume at "
+                f"{path} records it as written by this pipeline; move it away or choose another "
+                f"output path"
+            )
         return
     status = _status_of(p)
     if not overwrite:
@@ -53,11 +71,42 @@ def check_output_free(path: str, overwrite: bool) -> None:
             f"output.path: {path} already exists ({what}); set output.overwrite: true to "
             f"replace it, or choose another path"
         )
-    if status is None:
+    record = _verified_record(p)
+    if record is None:
         raise OutputExistsError(
-            f"output.path: {path} exists and is not a label volume written by this pipeline; "
-            f"refusing to delete it even with output.overwrite: true"
+            f"output.path: {path} exists and is not a label volume this pipeline can prove it "
+            f"wrote (no valid signature of this user's key, {ownership.key_path()}); refusing to "
+            f"delete it even with output.overwrite: true"
         )
+    foreign = foreign_entries(p)
+    if foreign:
+        raise OutputExistsError(
+            f"output.path: {path} holds {len(foreign)} entr{'ies' if len(foreign) > 1 else 'y'} "
+            f"this pipeline did not write (e.g. {foreign[0]}); refusing to delete it even with "
+            f"output.overwrite: true"
+        )
+    ours = _recorded_reports(p, record)
+    for report in existing:
+        if Path(report) not in ours:
+            raise OutputExistsError(
+                f"output.path: report file {report} was not written by the run that wrote "
+                f"{path} (or was changed since); refusing to replace it"
+            )
+
+
+def _recorded_reports(volume: Path, record: dict[str, Any]) -> list[Path]:
+    """Report files beside ``volume`` that its verified record lists, still with those bytes."""
+    listed = record.get("reports")
+    if not isinstance(listed, dict):
+        return []
+    found = []
+    for name, digest in listed.items():
+        report = volume.parent / str(name)
+        if Path(str(name)).name != name or report.is_symlink() or not report.is_file():
+            continue
+        if ownership.file_digest(report) == digest:
+            found.append(report)
+    return found
 
 
 def create_label_volume(
@@ -67,14 +116,22 @@ def create_label_volume(
     dtype: np.dtype,
     provenance: dict[str, Any],
     overwrite: bool,
+    reports: Sequence[str | Path] = (),
 ) -> str:
-    """Create the group and an empty label array, marked ``running``; returns the run id."""
-    check_output_free(path, overwrite)
+    """Create the group and an empty label array, marked ``running``; returns the run id.
+
+    Call under :func:`pipeline.io.locks.output_lock`: the check and the replacement must not
+    interleave with another run's.
+    """
+    check_output_free(path, overwrite, reports)
     if Path(path).exists():
-        shutil.rmtree(path)
+        record = _verified_record(Path(path)) or {}
+        for report in _recorded_reports(Path(path), record):
+            report.unlink()
+        delete_label_volume(path)
     run_id = uuid.uuid4().hex
     axes = [{"name": n, "type": "space"} for n in "zyx"[-len(shape) :]]
-    group = zarr.open_group(path, mode="w", zarr_format=3)
+    group = zarr.open_group(path, mode="w-", zarr_format=3)
     group.create_array(
         LABEL_ARRAY,
         shape=shape,
@@ -83,6 +140,7 @@ def create_label_volume(
         fill_value=0,
         dimension_names=[a["name"] for a in axes],
     )
+    record = {**provenance, "status": STATUS_RUNNING, "run_id": run_id, "started": _now()}
     group.attrs.update(
         {
             "ome": {
@@ -103,23 +161,73 @@ def create_label_volume(
                 ],
                 "image-label": {"version": "0.5"},
             },
-            "pipeline": {
-                **provenance,
-                "status": STATUS_RUNNING,
-                "run_id": run_id,
-                "started": _now(),
-            },
+            "pipeline": ownership.signed(record, _location(path)),
         }
     )
     return run_id
 
 
+def delete_label_volume(path: str) -> None:
+    """Delete a volume of ours: only the entries it wrote, then its empty folders."""
+    root = Path(path)
+    if foreign_entries(root):
+        raise OutputExistsError(f"output.path: {path} holds entries this pipeline did not write")
+    for folder, dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            (Path(folder) / name).unlink()
+        Path(folder).rmdir()  # fails if anything appeared meanwhile: nothing foreign is deleted
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """Entries under a volume that its layout does not explain (or symbolic links)."""
+    if path.is_symlink() or not path.is_dir():
+        return [str(path)]
+    meta = path / LABEL_ARRAY / "zarr.json"
+    try:
+        array = json.loads(meta.read_text())
+        grid = [
+            -(-int(n) // int(c))
+            for n, c in zip(array["shape"], array["chunk_grid"]["configuration"]["chunk_shape"])
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [str(meta)]
+    foreign = []
+    for folder, dirs, files in os.walk(path):
+        rel = Path(folder).relative_to(path).parts
+        for name in dirs + files:
+            entry = Path(folder) / name
+            if entry.is_symlink() or not _expected(rel, name, name in dirs, grid):
+                foreign.append(str(entry))
+        dirs[:] = [d for d in dirs if not (Path(folder) / d).is_symlink()]
+    return foreign
+
+
+def _expected(rel: tuple[str, ...], name: str, is_dir: bool, grid: list[int]) -> bool:
+    """Whether ``rel/name`` belongs to the layout of a volume whose chunk grid is ``grid``."""
+    if rel in ((), (LABEL_ARRAY,)) and not is_dir and _METADATA.fullmatch(name):
+        return True
+    if rel == ():
+        return is_dir and name == LABEL_ARRAY
+    if rel == (LABEL_ARRAY,):
+        return is_dir and name == "c"
+    depth = len(rel) - 2  # index of the chunk-grid axis this entry names
+    if rel[:2] != (LABEL_ARRAY, "c") or depth >= len(grid):
+        return False
+    match = _CHUNK_KEY.fullmatch(name)
+    if match is None or int(match.group(1)) >= grid[depth]:
+        return False
+    last = depth == len(grid) - 1
+    return (not last and match.group(2) is None) if is_dir else last
+
+
 def write_block(path: str, run_id: str, box: Box, labels: np.ndarray) -> None:
     """Write one block's labels; the box must cover whole chunks (checked, not assumed).
 
-    ``run_id`` keys the per-process cache of open arrays, so a volume recreated under the
-    same path is never written through a stale handle.
+    The volume must still be this run's (its ``run_id``): a task that outlived its run never
+    writes into the volume of another. ``run_id`` also keys the per-process cache of open
+    arrays, so a volume recreated under the same path is never written through a stale handle.
     """
+    check_run(path, run_id)
     array = _open_for_write(path, run_id)
     check_chunk_aligned(box, tuple(array.shape), tuple(array.chunks))
     if labels.shape != box.shape:
@@ -139,13 +247,40 @@ def check_chunk_aligned(box: Box, shape: tuple[int, ...], chunks: tuple[int, ...
             raise ValueError(f"write box {box} is not aligned to chunks {chunks} of shape {shape}")
 
 
-def mark_complete(path: str, summary: dict[str, Any]) -> None:
-    group = zarr.open_group(path, mode="r+")
-    info = dict(group.attrs["pipeline"])
-    info.update(summary)
-    info["status"] = STATUS_COMPLETE
-    info["finished"] = _now()
-    group.attrs["pipeline"] = info
+def check_run(path: str, run_id: str) -> dict[str, Any]:
+    """The volume's record, if it still belongs to run ``run_id``; else OutputReplacedError."""
+    try:
+        info = zarr.open_group(path, mode="r").attrs.get("pipeline")
+    except Exception:
+        info = None
+    found = info.get("run_id") if isinstance(info, dict) else None
+    if found != run_id:
+        raise OutputReplacedError(
+            f"output.path: {path} no longer belongs to run {run_id[:8]} "
+            f"({'it was removed' if found is None else f'run {str(found)[:8]} replaced it'}); "
+            f"nothing more of this run was written"
+        )
+    return dict(info)  # type: ignore[arg-type]
+
+
+def mark_complete(path: str, run_id: str, summary: dict[str, Any]) -> None:
+    """Record the summary and mark the volume ``complete`` (re-signed)."""
+    update_record(path, run_id, {**summary, "status": STATUS_COMPLETE, "finished": _now()})
+
+
+def record_reports(path: str, run_id: str, reports: Sequence[str | Path]) -> None:
+    """List the report files written beside the volume, with their SHA-256, in its record.
+
+    A later ``overwrite: true`` replaces them only while they still have those bytes.
+    """
+    digests = {Path(r).name: ownership.file_digest(r) for r in reports}
+    update_record(path, run_id, {"reports": digests})
+
+
+def update_record(path: str, run_id: str, changes: dict[str, Any]) -> None:
+    info = check_run(path, run_id)
+    info.update(changes)
+    zarr.open_group(path, mode="r+").attrs["pipeline"] = ownership.signed(info, _location(path))
 
 
 def open_label_volume(path: str, require_complete: bool = True) -> zarr.Array:
@@ -163,6 +298,21 @@ def open_label_volume(path: str, require_complete: bool = True) -> zarr.Array:
 def is_label_volume(path: str) -> bool:
     """Whether ``path`` is a volume written by this pipeline (complete or not)."""
     return _status_of(Path(path)) is not None
+
+
+def _verified_record(path: Path) -> dict[str, Any] | None:
+    """The volume's ``pipeline`` record if its signature verifies for this location."""
+    if path.is_symlink() or not (path / "zarr.json").is_file():
+        return None
+    try:
+        info = json.loads((path / "zarr.json").read_text())["attributes"]["pipeline"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info if ownership.verifies(info, _location(str(path))) else None
+
+
+def _location(path: str) -> str:
+    return os.path.realpath(path)
 
 
 def _status_of(path: Path) -> str | None:

@@ -21,7 +21,6 @@ description's ``binarize`` threshold when it has one).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
 import warnings
 from dataclasses import dataclass
@@ -30,10 +29,12 @@ from typing import Any
 
 import torch
 import yaml
+from pydantic import ValidationError
 from torch import nn
 
 from ..config import BioimageioConfig, NormalizeConfig
 from ..errors import ModelError
+from .factories import check_factory, resolve_factory
 from .weights import apply_state_dict, load_state_dict_file
 
 ARGMAX_PRESERVING = {"sigmoid", "softmax", "ensure_dtype"}
@@ -59,11 +60,29 @@ class Description:
 
 
 def read_description(path: str) -> Description:
+    """The description at ``path``; ModelError for anything malformed, never a traceback."""
+    try:
+        return _read_description(path)
+    except ModelError:
+        raise
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise ModelError(
+            f"model.path: {path}: preprocessing value {problem.get('input')!r}: expected "
+            f"{problem['msg'].removeprefix('Value error, ')}"
+        ) from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+        raise ModelError(f"model.path: {path}: malformed model description ({type(exc).__name__}: {exc})") from None
+
+
+def _read_description(path: str) -> Description:
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"model.path: file not found: {path}")
     try:
-        rdf = yaml.safe_load(p.read_text())
+        rdf = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ModelError(f"model.path: {path} is not UTF-8 text; expected a bioimage.io rdf.yaml") from None
     except yaml.YAMLError as exc:
         raise ModelError(f"model.path: {path} is not valid YAML: {exc}") from None
     if not isinstance(rdf, dict) or rdf.get("type") != "model":
@@ -243,7 +262,7 @@ def load_bioimageio(cfg: BioimageioConfig, device: str) -> tuple[nn.Module, Desc
             except Exception as exc:
                 raise ModelError(f"model.path: {source} is not a TorchScript file: {exc}") from None
     else:
-        module = _build_architecture(desc, entry, cfg.path)
+        module = _build_architecture(desc, entry, cfg)
         apply_state_dict(module, load_state_dict_file(str(source)), str(source), "the described architecture")
     module = AxesAdapter(module.eval(), desc.input_axes, desc.output_axes)
     module = BinaryFromOneChannel(module, desc.threshold if desc.threshold is not None else cfg.threshold)
@@ -266,47 +285,59 @@ def _choose_weights(cfg: BioimageioConfig, desc: Description) -> str:
     return available[0]
 
 
-def _build_architecture(desc: Description, entry: dict, path: str) -> nn.Module:
+def _build_architecture(desc: Description, entry: dict, cfg: BioimageioConfig) -> nn.Module:
+    """The described architecture, built only from a checked factory (see factories.py).
+
+    An architecture given as a Python file shipped with the description runs that file's
+    code, so it is refused unless the workflow says ``trust_code: true``.
+    """
+    path = cfg.path
     arch = entry.get("architecture")
-    kwargs = dict(entry.get("kwargs") or {})
+    kwargs = entry.get("kwargs") or {}
     if isinstance(arch, dict):  # 0.5
-        kwargs = dict(arch.get("kwargs") or {})
-        callable_name = arch.get("callable")
+        kwargs = arch.get("kwargs") or {}
+        callable_name = str(arch.get("callable"))
         if arch.get("source"):
-            factory = _from_file(_local(desc, arch["source"], "architecture source"), callable_name, path)
+            factory = _from_file(desc, arch["source"], callable_name, cfg)
         else:
-            factory = _import(f"{arch.get('import_from')}.{callable_name}", path)
+            factory = resolve_factory(f"{arch.get('import_from')}.{callable_name}", "model.path", path)
     elif isinstance(arch, str) and ":" in arch:  # 0.4 "file.py:Callable"
         file_name, callable_name = arch.split(":", 1)
-        factory = _from_file(_local(desc, file_name, "architecture source"), callable_name, path)
+        factory = _from_file(desc, file_name, callable_name, cfg)
     elif isinstance(arch, str):  # 0.4 "package.module.Callable"
-        factory = _import(arch, path)
+        factory = resolve_factory(arch, "model.path", path)
     else:
         raise ModelError(f"model.path: {path}: pytorch_state_dict weights without an architecture")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ModelError(f"model.path: {path}: architecture kwargs must be a mapping of names to values")
     try:
         module = factory(**kwargs)
     except Exception as exc:
         raise ModelError(f"model.path: {path}: building the architecture failed: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"model.path: {path}: the architecture returned {type(module).__name__}, not an nn.Module")
     return module
 
 
-def _from_file(source: Path, callable_name: str, path: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"bioimageio_arch_{source.stem}", source)
+def _from_file(desc: Description, source_name: Any, callable_name: str, cfg: BioimageioConfig) -> Any:
+    source = _local(desc, source_name, "architecture source")
+    if not cfg.trust_code:
+        raise ModelError(
+            f"model.path: {cfg.path}: its architecture is Python code shipped with the model "
+            f"({source.name}); loading it runs that code. Read it, then set model.trust_code: "
+            f"true to allow it, or use the description's torchscript weights (model.weights)"
+        )
+    name = f"bioimageio_arch_{hashlib.sha256(str(source).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(name, source)
     if spec is None or spec.loader is None:
-        raise ModelError(f"model.path: {path}: cannot load the architecture source {source}")
+        raise ModelError(f"model.path: {cfg.path}: cannot load the architecture source {source}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, callable_name):
-        raise ModelError(f"model.path: {path}: {source} defines no {callable_name!r}")
-    return getattr(module, callable_name)
-
-
-def _import(dotted: str, path: str) -> Any:
-    module_name, _, attr = dotted.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ModelError(f"model.path: {path}: cannot import the architecture {dotted}: {exc}") from None
+        raise ModelError(f"model.path: {cfg.path}: {source} defines no {callable_name!r}")
+    target = getattr(module, callable_name)
+    check_factory(target, f"{source.name}:{callable_name}", "model.path", cfg.path, home=name)
+    return target
 
 
 def _local(desc: Description, source: Any, what: str) -> Path:

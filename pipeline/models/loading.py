@@ -44,6 +44,9 @@ from .user import (
 from .weights import apply_state_dict, load_state_dict_file
 
 
+MAX_PARAMETER_BYTES = 8 << 30  # fp32 weights; the largest segmentation networks use well under 1 GiB
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     module: nn.Module
@@ -100,7 +103,30 @@ def check_declared_halo(loaded: LoadedModel, cfg: ModelConfig) -> None:
         )
 
 
+def check_buildable(cfg: UNetConfig | DilatedConfig, limit_bytes: int = MAX_PARAMETER_BYTES) -> int:
+    """Parameter count of a built-in network, counted without allocating it (meta device).
+
+    A width or depth whose weights alone cannot be allocated is an error naming the field,
+    not a MemoryError (or a machine swapping) halfway through building it.
+    """
+    with torch.device("meta"):
+        count = sum(p.numel() for p in build_module(cfg).parameters())
+    if count * 4 > limit_bytes:
+        sizes = ", ".join(
+            f"{k} {getattr(cfg, k)}"
+            for k in ("width", "depth", "front_width", "front_depth", "num_classes")
+            if hasattr(cfg, k)
+        )
+        raise ModelError(
+            f"model: a {cfg.arch} with {sizes} has {count:,} parameters "
+            f"({count * 4 / 2**30:.1f} GiB in fp32); expected at most "
+            f"{limit_bytes / 2**30:.0f} GiB of weights"
+        )
+    return count
+
+
 def _build_builtin(cfg: UNetConfig | DilatedConfig, device: str) -> LoadedModel:
+    check_buildable(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         module = build_module(cfg)

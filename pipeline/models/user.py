@@ -7,17 +7,15 @@ give its legal input sizes when the workflow does not declare them.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
 from ..config import CustomConfig, DeclaredGeometry, ExportConfig, TorchScriptConfig
 from ..errors import ModelError
 from ..tiling import NetworkGeometry
+from .factories import resolve_factory
 from .weights import apply_state_dict, load_state_dict_file
 
 SizeRule = tuple[int, int, int | None]  # min, step, max
@@ -62,16 +60,7 @@ def load_export(cfg: ExportConfig, device: str) -> tuple[nn.Module, SizeRule | N
 
 def build_custom(cfg: CustomConfig) -> nn.Module:
     """``package.module:callable(**kwargs)``, with the state dict at ``path`` if given."""
-    module_name, _, attr = cfg.factory.partition(":")
-    try:
-        factory: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            factory = getattr(factory, part)
-    except (ImportError, AttributeError) as exc:
-        raise ModelError(
-            f"model.factory: cannot import {cfg.factory!r} ({exc}); it must be importable on "
-            f"every worker (installed, or on PYTHONPATH)"
-        ) from None
+    factory = resolve_factory(cfg.factory, "model.factory", "the workflow")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         try:

@@ -1,17 +1,30 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pipeline.errors import OutputExistsError, OutputIncompleteError
+from pipeline.errors import OutputExistsError, OutputIncompleteError, OutputReplacedError
 from pipeline.geometry import Box
+from pipeline.io import ownership
 from pipeline.io.labels import (
     check_chunk_aligned,
+    check_output_free,
     create_label_volume,
+    foreign_entries,
     label_dtype,
     mark_complete,
     open_label_volume,
+    record_reports,
     write_block,
 )
+
+
+def _volume(path, shape=(8, 8), chunks=(8, 8), overwrite=False, reports=()) -> str:
+    return create_label_volume(str(path), shape, chunks, np.dtype(np.uint8), {"model": "m"}, overwrite, reports)
 
 
 def test_smallest_unsigned_dtype() -> None:
@@ -29,7 +42,7 @@ def test_volume_is_incomplete_until_marked(tmp_path) -> None:
     with pytest.raises(OutputIncompleteError, match="incomplete"):
         open_label_volume(path)
     write_block(path, run_id, Box((64, 64), (36, 6)), np.full((36, 6), 3, np.uint8))
-    mark_complete(path, {"blocks": 4})
+    mark_complete(path, run_id, {"blocks": 4})
     labels = open_label_volume(path)
     assert labels.shape == (100, 70) and labels.chunks == (64, 64) and labels.dtype == np.uint8
     assert labels[99, 69] == 3 and labels[0, 0] == 0
@@ -49,7 +62,7 @@ def test_overwrite_refuses_folders_that_are_not_ours(tmp_path) -> None:
     precious = tmp_path / "thesis"
     precious.mkdir()
     (precious / "chapter1.tex").write_text("...")
-    with pytest.raises(OutputExistsError, match="not a label volume written by this pipeline"):
+    with pytest.raises(OutputExistsError, match="not a label volume this pipeline can prove it wrote"):
         create_label_volume(str(precious), (8, 8), (8, 8), np.dtype(np.uint8), {}, True)
     assert (precious / "chapter1.tex").exists()
 
@@ -69,3 +82,128 @@ def test_writes_must_cover_whole_chunks(box, ok) -> None:
     else:
         with pytest.raises(ValueError, match="not aligned"):
             check_chunk_aligned(box, (100, 70), (64, 64))
+
+
+def test_a_foreign_group_with_our_attribute_survives_overwrite(tmp_path) -> None:
+    """Anyone can write a `pipeline.status` attribute: it proves nothing."""
+    path = tmp_path / "images.zarr"
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.create_array("0", shape=(8, 8), chunks=(8, 8), dtype="uint8")[:] = 7
+    group.attrs["pipeline"] = {"status": "complete", "run_id": "0" * 32, "signature": "f" * 64}
+    with pytest.raises(OutputExistsError, match="cannot|not a label volume this pipeline can prove"):
+        _volume(path, overwrite=True)
+    assert (zarr.open_group(str(path), mode="r")["0"][:] == 7).all()
+
+
+def test_a_volume_signed_by_another_key_survives_overwrite(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "out.zarr"
+    _volume(path)
+    monkeypatch.setenv(ownership.KEY_ENV, str(tmp_path / "someone-else.key"))
+    with pytest.raises(OutputExistsError, match="can prove it wrote"):
+        _volume(path, overwrite=True)
+    assert (path / "zarr.json").exists()
+
+
+def test_a_copied_volume_is_not_ours_at_its_new_place(tmp_path) -> None:
+    """The signature binds the record to its location: copying zarr.json elsewhere proves nothing."""
+    _volume(tmp_path / "a.zarr")
+    shutil.copytree(tmp_path / "a.zarr", tmp_path / "b.zarr")
+    with pytest.raises(OutputExistsError, match="can prove it wrote"):
+        _volume(tmp_path / "b.zarr", overwrite=True)
+
+
+def test_a_tampered_record_is_not_ours(tmp_path) -> None:
+    path = tmp_path / "out.zarr"
+    _volume(path)
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["pipeline"]["model"] = "changed"
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(OutputExistsError, match="can prove it wrote"):
+        _volume(path, overwrite=True)
+
+
+@pytest.mark.parametrize("intruder", ["notes.txt", "0/extra.bin", "0/c/9/0", "0/c/1/0/deep", "labels/zarr.json"])
+def test_foreign_files_inside_our_volume_stop_the_overwrite(tmp_path, intruder) -> None:
+    path = tmp_path / "out.zarr"
+    run_id = _volume(path, shape=(16, 16), chunks=(8, 8))
+    write_block(str(path), run_id, Box((0, 0), (8, 8)), np.ones((8, 8), np.uint8))
+    target = path / intruder
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("keep me")
+    with pytest.raises(OutputExistsError, match="did not write"):
+        _volume(path, shape=(16, 16), chunks=(8, 8), overwrite=True)
+    assert target.read_text() == "keep me"
+
+
+def test_a_symlink_inside_our_volume_is_foreign(tmp_path) -> None:
+    path = tmp_path / "out.zarr"
+    _volume(path)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "data").write_text("x")
+    (path / "0" / "c").mkdir(exist_ok=True)
+    (path / "0" / "c" / "0").symlink_to(precious)
+    assert str(path / "0" / "c" / "0") in foreign_entries(path)
+    with pytest.raises(OutputExistsError):
+        _volume(path, overwrite=True)
+    assert (precious / "data").exists()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    chunks=st.tuples(st.integers(1, 16), st.integers(1, 16)),
+)
+def test_every_chunk_we_write_is_explained_by_the_layout(tmp_path_factory, shape, chunks) -> None:
+    path = tmp_path_factory.mktemp("layout") / "out.zarr"
+    run_id = _volume(path, shape, chunks)
+    for i in range(0, shape[0], chunks[0]):
+        for j in range(0, shape[1], chunks[1]):
+            box = Box((i, j), (min(chunks[0], shape[0] - i), min(chunks[1], shape[1] - j)))
+            write_block(str(path), run_id, box, np.ones(box.shape, np.uint8))
+    assert foreign_entries(path) == []
+    _volume(path, shape, chunks, overwrite=True)
+    assert foreign_entries(path) == []
+
+
+def test_report_files_follow_the_volume_rule(tmp_path) -> None:
+    path = tmp_path / "out.zarr"
+    report = tmp_path / "out.evaluation.json"
+    report.write_text("{}  # somebody else's")
+    with pytest.raises(OutputExistsError, match="report file .* already exists"):
+        _volume(path, reports=[report])
+    assert not path.exists()
+    report.unlink()
+
+    run_id = _volume(path, reports=[report])
+    report.write_text('{"ours": true}')
+    record_reports(str(path), run_id, [report])
+    with pytest.raises(OutputExistsError, match="already exists"):
+        check_output_free(str(path), False, [report])
+    check_output_free(str(path), True, [report])  # ours, unchanged: replaceable
+    report.write_text('{"edited": "by hand"}')
+    with pytest.raises(OutputExistsError, match="report file .* was not written by the run"):
+        _volume(path, overwrite=True, reports=[report])
+    assert report.read_text() == '{"edited": "by hand"}'
+
+
+def test_replacing_a_volume_removes_its_own_old_reports(tmp_path) -> None:
+    path = tmp_path / "out.zarr"
+    report = tmp_path / "out.evaluation.json"
+    run_id = _volume(path)
+    report.write_text("{}")
+    record_reports(str(path), run_id, [report])
+    _volume(path, overwrite=True)  # the new run writes no report
+    assert not report.exists()
+
+
+def test_a_replaced_volume_takes_no_more_writes_of_the_old_run(tmp_path) -> None:
+    path = str(tmp_path / "out.zarr")
+    old = _volume(path, shape=(16, 8), chunks=(8, 8))
+    new = _volume(path, shape=(16, 8), chunks=(8, 8), overwrite=True)
+    with pytest.raises(OutputReplacedError, match=f"no longer belongs to run {old[:8]}.*run {new[:8]} replaced it"):
+        write_block(path, old, Box((0, 0), (8, 8)), np.ones((8, 8), np.uint8))
+    with pytest.raises(OutputReplacedError):
+        mark_complete(path, old, {})
+    assert zarr.open_group(path, mode="r")["0"][:].max() == 0
+    assert zarr.open_group(path, mode="r").attrs["pipeline"]["status"] == "running"
