@@ -35,9 +35,29 @@ def percentile_from_histogram(counts: np.ndarray, values: np.ndarray, q: float) 
     return float(lo + (hi - lo) * frac)
 
 
-def image_percentiles(spec: ImageSpec, q: tuple[float, ...]) -> np.ndarray:
-    """Percentiles ``q`` of every channel over the whole image: ``(C, len(q))``."""
+def finite_image(spec: ImageSpec, fill_value: float | None) -> da.Array:
+    """The image as Dask ``(C, *spatial)``, under the non-finite policy of the run.
+
+    NaN/infinite pixels are replaced by ``fill_value``, or, when it is None, counted and
+    reported as an error naming how many there are (integer images hold none).
+    """
     image = as_dask_array(spec)
+    if not np.issubdtype(image.dtype, np.inexact):
+        return image
+    if fill_value is not None:
+        return da.where(da.isfinite(image), image, image.dtype.type(fill_value))
+    bad = int((~da.isfinite(image).all(axis=0)).sum().compute())
+    if bad:
+        raise InputImageError(
+            f"{spec.field}: {spec.path} holds {bad} NaN/infinite pixels, so its statistics are "
+            f"undefined; set input.non_finite: fill (with input.fill_value) to replace them"
+        )
+    return image
+
+
+def image_percentiles(spec: ImageSpec, q: tuple[float, ...], fill_value: float | None = None) -> np.ndarray:
+    """Percentiles ``q`` of every channel over the whole image: ``(C, len(q))``."""
+    image = finite_image(spec, fill_value)
     channels = image.shape[0]
     if np.issubdtype(image.dtype, np.integer) and image.dtype.itemsize <= 2:
         info = np.iinfo(image.dtype)
@@ -79,20 +99,20 @@ def _float_percentiles(channel: da.Array, lo: float, hi: float, q: tuple[float, 
     return np.array([percentile_from_histogram(counts, centres, p) for p in q])
 
 
-def image_mean_std(spec: ImageSpec) -> tuple[np.ndarray, np.ndarray]:
+def image_mean_std(spec: ImageSpec, fill_value: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation over the whole image (float64 sums)."""
-    image = as_dask_array(spec).astype(np.float64)
+    image = finite_image(spec, fill_value).astype(np.float64)
     spatial = tuple(range(1, image.ndim))
     mean, std = da.compute(image.mean(axis=spatial), image.std(axis=spatial))
     return np.asarray(mean), np.asarray(std)
 
 
-def resolve_normalization(cfg: NormalizeConfig, spec: ImageSpec) -> NormalizeConfig:
+def resolve_normalization(cfg: NormalizeConfig, spec: ImageSpec, fill_value: float | None = None) -> NormalizeConfig:
     """A fixed normalisation: unchanged if already fixed, else from whole-image statistics."""
     if cfg.fixed:
         return cfg
     if cfg.zscore:
-        mean, std = image_mean_std(spec)
+        mean, std = image_mean_std(spec, fill_value)
         flat = [c for c in range(len(std)) if not std[c] > 0]
         if flat:
             raise InputImageError(
@@ -101,7 +121,7 @@ def resolve_normalization(cfg: NormalizeConfig, spec: ImageSpec) -> NormalizeCon
             )
         return NormalizeConfig(mean=tuple(map(float, mean)), std=tuple(map(float, std)))
     assert cfg.percentiles is not None
-    stats = image_percentiles(spec, cfg.percentiles)
+    stats = image_percentiles(spec, cfg.percentiles, fill_value)
     low, high = stats[:, 0], stats[:, 1]
     flat = [c for c in range(len(low)) if high[c] <= low[c]]
     if flat:

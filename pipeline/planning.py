@@ -22,7 +22,9 @@ from .io.images import ImageReader, ImageSpec, open_image
 from .io.labels import check_output_free, label_dtype
 from .io.locations import check_not_an_input, check_writable
 from .io.locks import check_unlocked
-from .models.loading import LoadedModel, check_declared_halo, load_model
+from .models.loading import LoadedModel, check_declared_halo, load_model, needs_halo_probe
+from .models.probe import probe_size
+from .probe_samples import probe_samples
 from .scorecard import ReportFiles
 from .tiling import TilePlan, plan_tiles
 
@@ -97,6 +99,11 @@ def prepare(wf: Workflow) -> Prepared:
         raise type(exc)(f"{wf.source}: {exc}") from None
 
 
+def non_finite_fill(wf: Workflow) -> float | None:
+    """What replaces NaN/infinite input pixels; None when they are an error."""
+    return wf.input.fill_value if wf.input.non_finite == "fill" else None
+
+
 def report_files(wf: Workflow) -> list[Path]:
     """The report files a run of ``wf`` writes beside its output (none without evaluation)."""
     return [] if wf.evaluation is None else ReportFiles.beside(wf.output.path).written()
@@ -135,7 +142,6 @@ def _prepare(wf: Workflow) -> Prepared:
             + (" (set input.channel_axis for a multi-channel image)" if image.channels == 1 else "")
         )
     model = load_model(cfg, "cpu")
-    check_declared_halo(model, cfg)
     normalize = effective_normalization(wf, model)
     for name in ("mean", "std"):
         value = getattr(normalize, name)
@@ -144,6 +150,10 @@ def _prepare(wf: Workflow) -> Prepared:
                 f"model.normalize.{name}: expected one value or {image.channels} (one per "
                 f"channel), got {len(value)}"
             )
+    if needs_halo_probe(cfg):
+        size = probe_size(model.geometry)
+        samples = probe_samples(image, normalize, size, wf.tiling.mirror, non_finite_fill(wf))
+        check_declared_halo(model, cfg, samples)
     batch = 1 if wf.inference.batch_size == "auto" else int(wf.inference.batch_size)
     plan = make_plan(wf, image, model, batch)
     truth = None

@@ -31,6 +31,7 @@ from .planning import (
     ignore_mask_spec,
     input_spec,
     make_plan,
+    non_finite_fill,
     prepare,
     report_files,
     truth_spec,
@@ -65,7 +66,7 @@ def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> R
             prepared = replace(prepared, plan=make_plan(wf, prepared.image, prepared.model, batch))
             plan = prepared.plan
             print(f"batch      {batch} tiles per forward pass (from free device memory)", file=out, flush=True)
-        normalize = resolve_normalization(prepared.normalize, image)
+        normalize = resolve_normalization(prepared.normalize, image, non_finite_fill(wf))
         if not prepared.normalize.fixed:
             print(f"normalise  resolved: {describe_normalization(normalize)}", file=out, flush=True)
         check_output_location(wf)
@@ -88,6 +89,7 @@ def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> R
             label_dtype=str(prepared.label_dtype),
             inference=wf.inference,
             torch_threads=prepared.cluster.torch_threads,
+            fill_value=non_finite_fill(wf),
         )
         compute_seconds, filled = _predict_all(client, spec, prepared, err)
         summary: dict[str, Any] = {

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,19 +89,30 @@ def build_module(cfg: UNetConfig | DilatedConfig) -> nn.Module:
     )
 
 
-def check_declared_halo(loaded: LoadedModel, cfg: ModelConfig) -> None:
-    """Gradient-probe a model whose halo is declared; a reach beyond it is an error."""
-    if not isinstance(cfg, (DeclaredGeometry, BioimageioConfig)):
+def check_declared_halo(
+    loaded: LoadedModel, cfg: ModelConfig, samples: Sequence[tuple[str, torch.Tensor]] = ()
+) -> None:
+    """Gradient-probe a model whose halo is declared; a reach beyond it is an error.
+
+    ``samples`` are crops of the real image (normalised as the run will), probed besides
+    random inputs.
+    """
+    if not needs_halo_probe(cfg):
         return
-    result = probe_reach(loaded.module, loaded.geometry, cfg.in_channels)
+    result = probe_reach(loaded.module, loaded.geometry, cfg.in_channels, samples=samples)
     if result.reach > loaded.geometry.halo:
         at_least = "at least " if result.hit_border else ""
         raise ModelError(
             f"model.halo: {loaded.geometry.halo} px is declared, but the gradient probe finds "
-            f"output pixels depending on inputs {at_least}{result.reach} px away (phase "
-            f"{result.phase} of shift period {loaded.geometry.shift_period}, {result.size} px "
-            f"probe input): tiles would show seams; declare halo: {result.reach} or more"
+            f"output pixels depending on inputs {at_least}{result.reach} px away (on "
+            f"{result.source}, phase {result.phase} of shift period "
+            f"{loaded.geometry.shift_period}, {result.size} px probe input): tiles would show "
+            f"seams; declare halo: {result.reach} or more"
         )
+
+
+def needs_halo_probe(cfg: ModelConfig) -> bool:
+    return isinstance(cfg, (DeclaredGeometry, BioimageioConfig))
 
 
 def check_buildable(cfg: UNetConfig | DilatedConfig, limit_bytes: int = MAX_PARAMETER_BYTES) -> int:

@@ -9,6 +9,7 @@ measured reach beyond the declared halo proves the halo too small.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,41 +24,61 @@ class ProbeResult:
     size: int  # side of the probe input
     phase: int  # the phase where the largest reach was found
     hit_border: bool  # the dependency touched the probe input's border: reach is a lower bound
+    source: str = "random inputs"  # what the input was where the largest reach was found
+
+
+def probe_size(geometry: NetworkGeometry, margin: int = 32) -> int:
+    """Side of the probe input: a legal size reaching past the declared halo by ``margin``."""
+    size = geometry.size_min
+    target = 2 * (geometry.halo + margin + geometry.shift_period) + 1
+    while size < target and (geometry.size_max is None or size + geometry.size_step <= geometry.size_max):
+        size += geometry.size_step
+    return size
 
 
 def probe_reach(
-    module: nn.Module, geometry: NetworkGeometry, in_channels: int, trials: int = 2, margin: int = 32
+    module: nn.Module,
+    geometry: NetworkGeometry,
+    in_channels: int,
+    trials: int = 2,
+    margin: int = 32,
+    samples: Sequence[tuple[str, torch.Tensor]] = (),
 ) -> ProbeResult:
-    """Largest reach of the module's dependency over all phases of its shift period."""
+    """Largest reach of the module's dependency over all phases of its shift period.
+
+    The inputs are ``trials`` random ones plus ``samples``: ``(name, (C, size, size))``
+    crops of real data (a network whose far reach only shows on realistic intensities, e.g.
+    behind a ReLU that random inputs never open, is caught there).
+    """
     period = geometry.shift_period
-    size = geometry.size_min
-    target = 2 * (geometry.halo + margin + period) + 1
-    while size < target and (geometry.size_max is None or size + geometry.size_step <= geometry.size_max):
-        size += geometry.size_step
+    size = probe_size(geometry, margin)
     out_size = size - 2 * geometry.trim
     start = (out_size // 2 // period) * period
     device = next(iter(list(module.parameters()) + list(module.buffers()) + [torch.empty(0)])).device
-    best = ProbeResult(0, size, 0, False)
     gen = torch.Generator().manual_seed(0)
+    inputs = [("random inputs", torch.randn(1, in_channels, size, size, generator=gen)) for _ in range(trials)]
+    for name, sample in samples:
+        if tuple(sample.shape) != (in_channels, size, size):
+            raise ValueError(f"probe sample of shape {tuple(sample.shape)}, expected {(in_channels, size, size)}")
+        inputs.append((name, sample.float()[None]))
+    best = ProbeResult(0, size, 0, False)
     for phase in range(period):
         o = start + phase
         if o >= out_size:
             break
         centre = o + geometry.trim
-        lo, hi = size, -1
-        for _ in range(trials):
-            x = torch.randn(1, in_channels, size, size, generator=gen).to(device).requires_grad_(True)
+        for name, value in inputs:
+            x = value.to(device).clone().requires_grad_(True)  # a fresh leaf: no gradient carried over
             with torch.enable_grad():
                 y = module(x)
                 y[0, :, o, o].sum().backward()
+            assert x.grad is not None
             rows = (x.grad[0].abs().sum(dim=(0, 2)) > 0).nonzero().flatten()
             cols = (x.grad[0].abs().sum(dim=(0, 1)) > 0).nonzero().flatten()
-            if rows.numel():
-                lo = min(lo, int(rows.min()), int(cols.min()))
-                hi = max(hi, int(rows.max()), int(cols.max()))
-        if hi < 0:
-            continue
-        reach = max(centre - lo, hi - centre)
-        if reach > best.reach:
-            best = ProbeResult(reach, size, phase, lo == 0 or hi == size - 1)
+            if not rows.numel():
+                continue
+            lo, hi = min(int(rows.min()), int(cols.min())), max(int(rows.max()), int(cols.max()))
+            reach = max(centre - lo, hi - centre)
+            if reach > best.reach:
+                best = ProbeResult(reach, size, phase, lo == 0 or hi == size - 1, name)
     return best

@@ -156,7 +156,9 @@ def test_state_dict_with_architecture_source(tmp_path, version) -> None:
         arch = {"source": "arch.py", "callable": "TinyNet", "kwargs": {"width": 4}}
         entry = {"pytorch_state_dict": {"source": "w.pt", "architecture": arch, "pytorch_version": "2.13"}}
         path = _v05(tmp_path, entry, halo=2, step=1)
-    loaded = load_model(BioimageioConfig(arch="bioimageio", path=path, num_classes=2))
+    with pytest.raises(ModelError, match="its architecture is Python code shipped with the model .*trust_code: true"):
+        load_model(BioimageioConfig(arch="bioimageio", path=path, num_classes=2))
+    loaded = load_model(BioimageioConfig(arch="bioimageio", path=path, num_classes=2, trust_code=True))
     assert loaded.geometry.halo == 2 and loaded.normalize is None
     x = torch.rand(2, 1, 70, 65)
     torch.testing.assert_close(_logits(loaded.module, x), _logits(eager, x))
@@ -172,7 +174,7 @@ def test_other_axis_orders_and_one_channel_outputs(tmp_path) -> None:
     entry = {"pytorch_state_dict": {"source": "w.pt", "architecture": "arch.py:ChannelsLastNet", "kwargs": {"classes": 1}}}
     post = [{"name": "sigmoid"}, {"name": "binarize", "kwargs": {"threshold": 0.1}}]
     path = _v04(tmp_path, entry, axes="byxc", out_axes="byxc", halo=2, step=1, post=post, channels=1)
-    loaded = load_model(BioimageioConfig(arch="bioimageio", path=path, num_classes=2))
+    loaded = load_model(BioimageioConfig(arch="bioimageio", path=path, num_classes=2, trust_code=True))
     x = torch.rand(2, 1, 64, 64)
     expected = (_logits(eager, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) > 0.1).long()[:, 0]
     assert torch.equal(_logits(loaded.module, x).argmax(1), expected)
@@ -215,3 +217,79 @@ def test_workflow_normalisation_conflicts_with_the_description(tmp_path) -> None
     raw["model"]["normalize"] = {"mean": 0.0, "std": 1.0}
     with pytest.raises(PipelineError, match="declares its own preprocessing"):
         prepare(parse_workflow(raw, source=tmp_path / "w.yaml"))
+
+
+HOSTILE_ARCHITECTURES = {
+    "0.4 os.system": ("0.4", "os.system", {"command": "touch {marker}"}),
+    "0.5 os.system": ("0.5", {"import_from": "os", "callable": "system", "kwargs": {"command": "touch {marker}"}}, None),
+    "0.5 subprocess": ("0.5", {"import_from": "subprocess", "callable": "run", "kwargs": {"args": ["touch", "{marker}"]}}, None),
+    "0.4 builtins.exec": ("0.4", "builtins.exec", {"source": "open({marker!r}, 'w')"}),
+    "0.4 torch.load": ("0.4", "torch.load", {"f": "{marker}.pkl", "weights_only": False}),
+    "0.5 a non-module class": ("0.5", {"import_from": "pathlib", "callable": "Path", "kwargs": {}}, None),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_ARCHITECTURES), ids=list(HOSTILE_ARCHITECTURES))
+def test_a_description_cannot_make_validate_run_a_command(tmp_path, capsys, case) -> None:
+    """An architecture naming os.system (or any non-module callable of a library) is refused uncalled."""
+    from pipeline.cli import main
+
+    version, arch, kwargs = HOSTILE_ARCHITECTURES[case]
+    marker = str(tmp_path / "pwned")
+
+    def fill(value):
+        if isinstance(value, str):
+            return value.replace("{marker!r}", repr(marker)).replace("{marker}", marker)
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return value
+
+    torch.save(UNet(1, 2, depth=1, width=2).state_dict(), tmp_path / "w.pt")
+    if version == "0.4":
+        entry = {"pytorch_state_dict": {"source": "w.pt", "architecture": arch, "kwargs": fill(kwargs)}}
+        _v04(tmp_path, entry)
+        rdf = "rdf.yaml"
+    else:
+        entry = {"pytorch_state_dict": {"source": "w.pt", "architecture": fill(arch), "pytorch_version": "2.13"}}
+        _v05(tmp_path, entry)
+        rdf = "bioimageio.yaml"
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "img.tif", np.zeros((80, 80), np.uint8))
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump({
+        "input": {"path": "img.tif"},
+        "model": {"arch": "bioimageio", "path": rdf, "num_classes": 2, "trust_code": True},
+        "output": {"path": "o.zarr"},
+    }))  # fmt: skip
+    assert main(["validate", str(tmp_path / "wf.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "expected an nn.Module subclass" in err and "Traceback" not in err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_an_architecture_file_function_must_be_its_own(tmp_path) -> None:
+    """With trust_code, a name in the shipped file must still be a module class or its own function."""
+    (tmp_path / "arch.py").write_text("import os\nsystem = os.system\ndef build(width=2):\n    from torch import nn\n    return nn.Conv2d(1, 2, 3, padding=1)\n")
+    torch.save({"weight": torch.zeros(2, 1, 3, 3), "bias": torch.zeros(2)}, tmp_path / "w.pt")
+    entry = {"pytorch_state_dict": {"source": "w.pt", "architecture": "arch.py:system", "kwargs": {"command": "true"}}}
+    path = _v04(tmp_path, entry, halo=1, step=1)
+    with pytest.raises(ModelError, match="expected an nn.Module subclass or a plain Python function|not a function the architecture file defines"):
+        load_model(BioimageioConfig(arch="bioimageio", path=path, num_classes=2, trust_code=True))
+    entry["pytorch_state_dict"]["architecture"] = "arch.py:build"
+    entry["pytorch_state_dict"]["kwargs"] = {}
+    path = _v04(tmp_path, entry, halo=1, step=1)
+    assert load_model(BioimageioConfig(arch="bioimageio", path=path, num_classes=2, trust_code=True)).geometry.halo >= 1
+
+
+def test_malformed_descriptions_are_model_errors(tmp_path) -> None:
+    torch.jit.save(torch.jit.script(UNet(1, 2, depth=1, width=2).eval()), tmp_path / "weights.pt")
+    path = _v04(tmp_path, {"torchscript": {"source": "weights.pt"}}, pre=[{"name": "zero_mean_unit_variance", "kwargs": {"mode": "fixed", "mean": float("nan"), "std": 1.0}}])
+    with pytest.raises(ModelError, match="preprocessing value nan: expected a finite number"):
+        load_model(BioimageioConfig(arch="bioimageio", path=path, num_classes=2))
+    rdf = yaml.safe_load(open(path))
+    rdf["inputs"][0]["shape"] = {"min": "many"}
+    open(path, "w").write(yaml.safe_dump(rdf))
+    with pytest.raises(ModelError, match="malformed model description"):
+        load_model(BioimageioConfig(arch="bioimageio", path=path, num_classes=2))

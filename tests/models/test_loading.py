@@ -167,3 +167,35 @@ def test_custom_factory_with_kwargs_and_weights(tmp_path) -> None:
         load_model(cfg.model_copy(update={"factory": "tests.helpers:Nope"}))
     with pytest.raises(ModelError, match="model.kwargs: tests.helpers:BoxFilterNet"):
         load_model(cfg.model_copy(update={"kwargs": {"radius": 1}}))
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "reason"),
+    [
+        ("os:system", {"command": "touch {marker}"}, "from the Python standard library"),
+        ("subprocess:run", {"args": ["touch", "{marker}"]}, "from the Python standard library"),
+        ("builtins:exec", {"source": "open('{marker}', 'w')"}, "from the Python standard library"),
+        ("torch:load", {"f": "{marker}"}, "from a library this pipeline uses"),
+        ("numpy:savetxt", {"fname": "{marker}", "X": [1]}, "a _ArrayFunctionDispatcher; expected an nn.Module"),
+        ("scipy.io:savemat", {"file_name": "{marker}", "mdict": {}}, "from a library this pipeline uses"),
+        ("tests.helpers:REPO", {}, "expected an nn.Module subclass or a plain Python function"),
+        ("tests.helpers:rng", {}, "expected an nn.Module subclass or a plain Python function"),
+    ],
+)
+def test_custom_factory_runs_nothing_but_modules_and_your_functions(tmp_path, factory, kwargs, reason) -> None:
+    marker = str(tmp_path / "pwned")
+    filled = {k: [x.replace("{marker}", marker) for x in v] if isinstance(v, list) and v and isinstance(v[0], str)
+              else (v.replace("{marker}", marker) if isinstance(v, str) else v) for k, v in kwargs.items()}  # fmt: skip
+    cfg = CustomConfig(arch="custom", factory=factory, kwargs=filled, num_classes=2, halo=1)
+    with pytest.raises(ModelError, match=reason):
+        load_model(cfg)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_custom_factory_may_be_a_function_of_your_own(tmp_path) -> None:
+    cfg = CustomConfig(arch="custom", factory="tests.models.test_loading:_my_factory", num_classes=2, halo=1)
+    assert load_model(cfg).geometry.halo == 1
+
+
+def _my_factory() -> torch.nn.Module:
+    return BoxFilterNet(1, np.array([[1], [-1]]))
