@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,30 @@ def make_probe_ready(net: nn.Module) -> nn.Module:
             if isinstance(child, nn.MaxPool2d):
                 setattr(module, child_name, nn.AvgPool2d(child.kernel_size, child.stride))
     return net.double().eval()
+
+
+class KillWorkerOnce(BoxFilterNet):
+    """A box filter whose first forward pass on a Dask worker kills that worker (SIGKILL).
+
+    ``marker`` records that the kill happened, so the retried task succeeds: the run must
+    survive the loss of its only worker. ``times`` kills that many workers in turn. Outside
+    a worker (validate's probes in the driver) it is a plain box filter.
+    """
+
+    def __init__(self, marker: str, radius: int, weight: list, times: int = 1) -> None:
+        super().__init__(radius, np.asarray(weight))
+        self.marker, self.times = marker, times
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            from distributed import get_worker
+
+            get_worker()
+        except ValueError:
+            return super().forward(x)
+        marker = Path(self.marker)
+        kills = len(marker.read_text()) if marker.exists() else 0
+        if kills < self.times:
+            marker.write_text("x" * (kills + 1))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)

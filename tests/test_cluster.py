@@ -1,0 +1,164 @@
+"""The local cluster as users run it: loopback only, worker loss survived, Ctrl-C summarised."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tifffile
+import yaml
+import zarr
+
+from pipeline.cluster import check_cluster, connect
+from pipeline.config import ClusterConfig
+from pipeline.errors import PipelineError
+from tests.helpers import REPO, box_filter_reference
+
+PIPELINE = str(Path(sys.executable).parent / "pipeline")
+
+
+def test_scheduler_workers_and_http_listen_on_loopback_only() -> None:
+    with connect(ClusterConfig(n_workers=2, threads_per_worker=1)) as client:
+        me = psutil.Process()
+        listening = [
+            (p.pid, c.laddr.ip)
+            for p in [me, *me.children(recursive=True)]
+            for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
+        assert len({pid for pid, _ in listening}) >= 3  # the driver (scheduler) and two workers
+        assert {ip for _, ip in listening} == {"127.0.0.1"}
+        assert all(a.startswith("tcp://127.0.0.1:") for a in client.scheduler_info()["workers"])
+
+
+def test_validate_knows_the_machine() -> None:
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(PipelineError, match=f"cluster.n_workers: {cores + 1} worker processes on a machine with {cores} core"):
+        check_cluster(ClusterConfig(n_workers=cores + 1), "cpu", 1 << 20)
+    with pytest.raises(PipelineError, match="tiling.tile: .* need more than this machine's"):
+        check_cluster(ClusterConfig(n_workers=1, threads_per_worker=1), "cpu", 1 << 50)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(PipelineError, match="inference.device: cuda was requested, but this machine has no CUDA device"):
+            check_cluster(ClusterConfig(n_workers=1), "cuda", 1 << 20)
+
+
+def _workflow(tmp_path: Path, model: dict, overwrite: bool = False) -> tuple[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (130, 150), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "img.tif", image, tile=(32, 32))
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump({
+        "input": {"path": "img.tif"},
+        "model": {"num_classes": 2, "halo": 2, **model},
+        "tiling": {"tile": 32},
+        "output": {"path": "out/labels.zarr", "overwrite": overwrite},
+        "cluster": {"n_workers": 1, "threads_per_worker": 1},
+    }))  # fmt: skip
+    weight = np.array([[1], [-1]])
+    return str(tmp_path / "wf.yaml"), box_filter_reference(image[None], 2, weight, "reflect").argmax(0)
+
+
+def _killer(tmp_path: Path, times: int) -> dict:
+    return {
+        "arch": "custom",
+        "factory": "tests.helpers:KillWorkerOnce",
+        "kwargs": {"marker": str(tmp_path / "kills"), "radius": 2, "weight": [[1], [-1]], "times": times},
+    }
+
+
+def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # workers import the test model
+    return subprocess.run([PIPELINE, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300, **kwargs)
+
+
+def test_the_run_survives_sigkill_of_its_only_worker(tmp_path) -> None:
+    wf, expected = _workflow(tmp_path, _killer(tmp_path, times=1))
+    proc = _run(["run", wf])
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "kills").read_text() == "x"  # the worker really died once
+    group = zarr.open_group(str(tmp_path / "out" / "labels.zarr"), mode="r")
+    assert group.attrs["pipeline"]["status"] == "complete"
+    np.testing.assert_array_equal(group["0"][:], expected)
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_block_whose_worker_always_dies_fails_in_one_line(tmp_path) -> None:
+    wf, _ = _workflow(tmp_path, _killer(tmp_path, times=100))
+    proc = _run(["run", wf])
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "the worker process running it died each time it was tried" in errors[0]
+    assert "left marked incomplete" in errors[0]
+    group = zarr.open_group(str(tmp_path / "out" / "labels.zarr"), mode="r")
+    assert group.attrs["pipeline"]["status"] == "running"
+
+
+def _slow_workflow(tmp_path: Path, overwrite: bool) -> str:
+    """The demo network on a 1536 x 1536 image: a few seconds per block on two cores."""
+    from pipeline.demo import write_demo_data
+
+    write_demo_data(str(tmp_path / "data"), size=1536, seed=0)
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump({
+        "input": {"path": "data/image.tif"},
+        "model": {"arch": "unet", "depth": 4, "width": 16, "num_classes": 2, "normalize": {"mean": 128.0, "std": 64.0}},
+        "tiling": {"tile": 512},
+        "output": {"path": "out/demo.zarr", "overwrite": overwrite},
+        "cluster": {"n_workers": 1, "threads_per_worker": 1},
+    }))  # fmt: skip
+    return str(tmp_path / "wf.yaml")
+
+
+def _wait_for(path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.2)
+
+
+def test_ctrl_c_prints_one_message_not_worker_tracebacks(tmp_path) -> None:
+    wf = _slow_workflow(tmp_path, overwrite=False)
+    proc = subprocess.Popen(
+        [PIPELINE, "run", wf], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    _wait_for(tmp_path / "out" / "demo.zarr" / "0" / "zarr.json")
+    time.sleep(2)  # blocks are being computed
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted: ")
+    assert len(err.strip().splitlines()) <= 5, err
+    group = zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r")
+    assert group.attrs["pipeline"]["status"] == "running"
+    assert not (tmp_path / "out" / ".demo.zarr.lock").exists()  # released on the way out
+
+
+def test_two_runs_on_one_output_never_interleave(tmp_path) -> None:
+    """The second run (overwrite: true) fails clearly while the first holds the output."""
+    wf = _slow_workflow(tmp_path, overwrite=True)
+    first = subprocess.Popen([PIPELINE, "run", wf], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "out" / "demo.zarr" / "0" / "zarr.json")
+    run_id = zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r").attrs["pipeline"]["run_id"]
+    for command in ("validate", "run"):
+        second = subprocess.run([PIPELINE, command, wf], capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr
+        assert "is being written by another run (pid" in second.stderr and "Traceback" not in second.stderr
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    group = zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r")
+    assert group.attrs["pipeline"]["run_id"] == run_id and group.attrs["pipeline"]["status"] == "complete"
+    assert not (tmp_path / "out" / ".demo.zarr.lock").exists()
+    # and once it is done, the same workflow may replace it
+    again = subprocess.run([PIPELINE, "run", wf], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r").attrs["pipeline"]["run_id"] != run_id
