@@ -20,7 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"error: {line}", file=sys.stderr)  # one line per problem
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: any output being written is left marked incomplete", file=sys.stderr)
@@ -118,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--preview", default=None, help="write the overlay preview PNG of the first pair here")
     ev.add_argument("--image", default=None, help="the input image, for the preview")
     ev.add_argument("--image-channel-axis", type=int, default=None)
+    ev.add_argument("--overwrite", action="store_true", help="replace existing report files")
     ev.set_defaults(handler=_evaluate)
 
     demo = sub.add_parser(

@@ -9,10 +9,11 @@ import dask
 import yaml
 
 from .config import EvaluationConfig, format_error
-from .errors import EvaluationError, PipelineError
+from .errors import EvaluationError, OutputExistsError, PipelineError
 from .evaluation import LabelPair, pair_paths
 from .io.images import ImageSpec, as_dask_array
 from .io.labels import is_label_volume, open_label_volume
+from .io.locations import check_not_an_input, check_writable
 from .planning import evaluation_spec
 from .report import format_table
 from .scorecard import ReportFiles, evaluate_and_report
@@ -38,6 +39,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     files = ReportFiles(
         json=_path(args.json), csv=_path(args.csv), heatmap=_path(args.heatmap), preview=_path(args.preview)
     )
+    _check_report_paths(files, pairs, args)
     image = ImageSpec(args.image, args.image_channel_axis, "--image") if args.image else None
     _, scores = evaluate_and_report(pairs, spec, files, cfg.bootstrap, cfg.confidence, image=image)
     if len(pairs) > 1:
@@ -96,6 +98,26 @@ def _num_classes(cfg: EvaluationConfig, pairs: list[LabelPair]) -> int:
     except ValueError as exc:
         raise EvaluationError(f"cannot read the class ids: {exc}") from None
     return max(2, highest + 1)
+
+
+def _check_report_paths(files: ReportFiles, pairs: list[LabelPair], args: argparse.Namespace) -> None:
+    """Reports never land on an input, nor on an existing file unless --overwrite says so."""
+    inputs: dict[str, str | None] = {"--image": args.image}
+    for pair in pairs:
+        inputs[f"prediction {pair.name}"] = pair.prediction.path
+        inputs[f"ground truth {pair.name}"] = pair.truth.path
+        if pair.ignore_mask is not None:
+            inputs[f"ignore mask {pair.name}"] = pair.ignore_mask.path
+    flags = {files.json: "--json", files.csv: "--csv", files.heatmap: "--heatmap", files.preview: "--preview"}
+    for path, flag in flags.items():
+        if path is None:
+            continue
+        check_not_an_input(str(path), flag, inputs)
+        if (path.exists() or path.is_symlink()) and not args.overwrite:
+            raise OutputExistsError(f"{flag}: {path} already exists; pass --overwrite to replace it")
+        if path.is_dir():
+            raise OutputExistsError(f"{flag}: {path} is a folder; expected a file name")
+        check_writable(str(path), flag)
 
 
 def _path(value: str | None) -> Path | None:
