@@ -133,7 +133,7 @@ def connect(cfg: ClusterConfig, device: str = "auto") -> Iterator[Client]:
         host=LOOPBACK,
         dashboard_address=cfg.dashboard,
         scheduler_kwargs=None if cfg.dashboard else {"dashboard": False, "dashboard_address": f"{LOOPBACK}:0"},
-        silence_logs=logging.ERROR,
+        silence_logs=logging.CRITICAL,  # failures reach the user once, summarised by the driver
         preload=["pipeline.worker_preload"],
     )
     try:

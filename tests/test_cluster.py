@@ -13,6 +13,7 @@ import numpy as np
 import psutil
 import pytest
 import tifffile
+import torch
 import yaml
 import zarr
 
@@ -162,3 +163,32 @@ def test_two_runs_on_one_output_never_interleave(tmp_path) -> None:
     again = subprocess.run([PIPELINE, "run", wf], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r").attrs["pipeline"]["run_id"] != run_id
+
+
+class FailOnBright(torch.nn.Module):
+    """Raises inside the worker (a long TorchScript trace) where a tile holds a bright pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x > 1000).any()):
+            raise RuntimeError("corrupt tile")
+        return torch.cat([x, -x], dim=1)
+
+
+def test_a_failing_block_is_one_summarised_line_without_worker_logs(tmp_path) -> None:
+    image = np.zeros((100, 100), np.uint16)
+    image[90, 10] = 5000
+    tifffile.imwrite(tmp_path / "img.tif", image, tile=(32, 32))
+    torch.jit.save(torch.jit.script(FailOnBright()), tmp_path / "m.pt")
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump({
+        "input": {"path": "img.tif"},
+        "model": {"arch": "torchscript", "path": "m.pt", "num_classes": 2, "halo": 0},
+        "tiling": {"tile": 50},
+        "output": {"path": "out.zarr"},
+        "cluster": {"n_workers": 2, "threads_per_worker": 1},
+    }))  # fmt: skip
+    proc = _run(["run", str(tmp_path / "wf.yaml")])
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert [line for line in lines if not line.startswith("blocks ")] == [lines[-1]], proc.stderr
+    assert lines[-1].startswith("error: block (1, 0) (pixels 50:100, 0:50)") and "corrupt tile" in lines[-1]
+    assert "Traceback" not in proc.stderr and "Compute Failed" not in proc.stderr

@@ -140,3 +140,54 @@ def test_channel_selection_and_whole_image_percentiles(tmp_path) -> None:
     labels = open_label_volume(result.output_path)[:]
     np.testing.assert_array_equal(labels[decided], logits.argmax(0)[decided])
     assert decided.mean() > 0.99
+
+
+def _format_files(tmp_path, fmt: str, net: torch.nn.Module) -> dict:
+    """Write ``net`` in a model format; returns the workflow's model section for it."""
+    from safetensors.torch import save_file
+    from torch.export import Dim, export
+
+    declared = {"num_classes": 2, "in_channels": 1, "halo": 2}
+    if fmt == "torchscript":
+        torch.jit.save(torch.jit.script(net), tmp_path / "m.pt")
+        return {"arch": "torchscript", "path": "m.pt", **declared}
+    if fmt == "export":
+        h, w = Dim("h", min=8, max=4096), Dim("w", min=8, max=4096)
+        program = export(net, (torch.rand(2, 1, 64, 64),), dynamic_shapes={"x": {0: Dim("n", max=64), 2: h, 3: w}})
+        torch.export.save(program, tmp_path / "m.pt2")
+        return {"arch": "export", "path": "m.pt2", **declared}
+    if fmt == "custom":
+        save_file(net.state_dict(), tmp_path / "m.safetensors")
+        kwargs = {"radius": 2, "weight": [[0], [0]]}  # the weights come from the file
+        return {"arch": "custom", "factory": "tests.helpers:BoxFilterNet", "kwargs": kwargs, "path": "m.safetensors", **declared}
+    from tests.models.test_bioimageio import _v04
+
+    torch.jit.save(torch.jit.script(net), tmp_path / "m.pt")
+    _v04(tmp_path, {"torchscript": {"source": "m.pt"}}, halo=2, step=1)
+    return {"arch": "bioimageio", "path": "rdf.yaml", "num_classes": 2, "normalize": None}
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "export", "custom", "bioimageio"])
+def test_every_model_format_through_pipeline_run(tmp_path, fmt, capsys) -> None:
+    """Each format the README lists, loaded and run end to end by `pipeline run`, exact."""
+    from pipeline.cli import main
+    from tests.helpers import write_workflow
+
+    rng = np.random.default_rng(11)
+    image = rng.integers(0, 256, (97, 83), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "img.tif", image, tile=(32, 32))
+    weight = np.array([[1], [-1]])
+    model = _format_files(tmp_path, fmt, BoxFilterNet(2, weight))
+    if model.get("normalize", {}) is None:
+        model.pop("normalize")
+    path = write_workflow(
+        tmp_path / "wf.yaml",
+        input={"path": "img.tif"},
+        model=model,
+        tiling={"tile": 64 if fmt == "bioimageio" else 40},
+        output={"path": "out.zarr"},
+        cluster={"n_workers": 1},
+    )
+    assert main(["run", str(path)]) == 0, capsys.readouterr().err
+    expected = box_filter_reference(image[None], 2, weight, "reflect").argmax(0)
+    np.testing.assert_array_equal(open_label_volume(str(tmp_path / "out.zarr"))[:], expected)

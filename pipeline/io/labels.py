@@ -172,7 +172,7 @@ def delete_label_volume(path: str) -> None:
     root = Path(path)
     if foreign_entries(root):
         raise OutputExistsError(f"output.path: {path} holds entries this pipeline did not write")
-    for folder, dirs, files in os.walk(root, topdown=False):
+    for folder, _, files in os.walk(root, topdown=False):
         for name in files:
             (Path(folder) / name).unlink()
         Path(folder).rmdir()  # fails if anything appeared meanwhile: nothing foreign is deleted

@@ -44,7 +44,6 @@ from .user import (
 )
 from .weights import apply_state_dict, load_state_dict_file
 
-
 MAX_PARAMETER_BYTES = 8 << 30  # fp32 weights; the largest segmentation networks use well under 1 GiB
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -16,6 +18,7 @@ from ..config import CustomConfig, DeclaredGeometry, ExportConfig, TorchScriptCo
 from ..errors import ModelError
 from ..tiling import NetworkGeometry
 from .factories import resolve_factory
+from .pt2 import load_program
 from .weights import apply_state_dict, load_state_dict_file
 
 SizeRule = tuple[int, int, int | None]  # min, step, max
@@ -35,12 +38,7 @@ def load_torchscript(cfg: TorchScriptConfig, device: str) -> nn.Module:
 def load_export(cfg: ExportConfig, device: str) -> tuple[nn.Module, SizeRule | None, int | None]:
     """The program's module, its spatial size rule and its fixed batch size (if static)."""
     path = _existing(cfg.path)
-    try:
-        program = torch.export.load(path)
-    except Exception as exc:
-        raise ModelError(
-            f"model.path: {path} is not a torch.export program (.pt2): {_first_line(exc)}"
-        ) from None
+    program = load_program(path)  # never torch.export.load: it runs code from the file
     inputs = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in _user_inputs(program)]
     if len(inputs) != 1:
         raise ModelError(f"model.path: {path}: expected a program with one input, got {len(inputs)}")
@@ -53,9 +51,34 @@ def load_export(cfg: ExportConfig, device: str) -> tuple[nn.Module, SizeRule | N
             f"model.path: {path}: height and width accept different sizes ({rules[0]} vs "
             f"{rules[1]}); export with the same dynamic rule for both"
         )
+    height, width = shape[2:]
+    if not isinstance(height, int) and str(height) == str(width) and rules[0][2] != rules[0][0]:
+        raise ModelError(
+            f"model.path: {path}: height and width share one dynamic dimension ({height}), so the "
+            f"program only takes square inputs, but border tiles are not square; export with a "
+            f"Dim of its own for each, e.g. dynamic_shapes={{'x': {{2: Dim('h'), 3: Dim('w')}}}}"
+        )
     batch = shape[0] if isinstance(shape[0], int) else None
-    module = program.module().to(device)
-    return module, rules[0], batch
+    return ExportedModule(program.module()).to(device), rules[0], batch
+
+
+class ExportedModule(nn.Module):
+    """An exported program's module: already frozen for inference, so eval() leaves it be.
+
+    ``torch.export`` modules refuse ``train()``/``eval()`` ("Calling train() is not supported
+    yet"), which every runtime path calls on the models it is given.
+    """
+
+    def __init__(self, program_module: nn.Module) -> None:
+        super().__init__()
+        self.program = program_module
+
+    def train(self, mode: bool = True) -> ExportedModule:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
 
 
 def build_custom(cfg: CustomConfig) -> nn.Module:
