@@ -101,23 +101,27 @@ def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> R
         if filled:
             summary["non_finite_pixels_filled"] = filled
             print(
-                f"note: {filled} NaN/infinite input pixels (counted per read box, context "
-                f"included) were replaced by {wf.input.fill_value:g} (input.non_finite: fill)",
+                f"note: {filled} NaN/infinite input pixels were replaced by "
+                f"{wf.input.fill_value:g} (input.non_finite: fill)",
                 file=out,
                 flush=True,
             )
         mark_complete(wf.output.path, run_id, summary)
         print(f"labels     {wf.output.path} (complete)", file=out, flush=True)
         if wf.evaluation is not None:
-            scores, report_files_written = _evaluate(wf, prepared, out)
-            record_reports(wf.output.path, run_id, report_files_written.written())
+            try:
+                scores = _evaluate(wf, prepared, out)
+            finally:
+                # No report file existed when the volume was created (checked under the lock),
+                # so every one there now is this run's, also when evaluation failed halfway.
+                record_reports(wf.output.path, run_id, [r for r in reports if r.is_file()])
     total = time.perf_counter() - started
     print(f"done in {format_seconds(total)}", file=out, flush=True)
     report_path = str(reports[0]) if scores is not None else None
     return RunResult(wf.output.path, report_path, scores, total)
 
 
-def _evaluate(wf: Workflow, prepared: Prepared, out: TextIO) -> tuple[Scores, ReportFiles]:
+def _evaluate(wf: Workflow, prepared: Prepared, out: TextIO) -> Scores:
     ev = wf.evaluation
     assert ev is not None
     spec = evaluation_spec(ev, wf.model.num_classes)
@@ -139,7 +143,7 @@ def _evaluate(wf: Workflow, prepared: Prepared, out: TextIO) -> tuple[Scores, Re
     print(format_table(scores, spec.names), file=out)
     if prepared.model.untrained:
         print(f"note: {UNTRAINED_NOTE}", file=out)
-    return scores, files
+    return scores
 
 
 def _predict_all(client: Any, spec: InferenceSpec, p: Prepared, err: TextIO) -> tuple[float, int]:

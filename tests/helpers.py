@@ -110,6 +110,15 @@ def make_probe_ready(net: nn.Module) -> nn.Module:
     return net.double().eval()
 
 
+class FailOnBright(nn.Module):
+    """Raises inside the worker (a long TorchScript trace) where a tile holds a value > 1000."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x > 1000).any()):
+            raise RuntimeError("corrupt tile")
+        return torch.cat([x, -x], dim=1)
+
+
 class KillWorkerOnce(BoxFilterNet):
     """A box filter whose first forward pass on a Dask worker kills that worker (SIGKILL).
 

@@ -168,8 +168,11 @@ def test_multi_series_and_multi_page_tiffs_ask_which(folder, capsys) -> None:
 
 def test_an_unfinished_run_as_input_is_refused(folder, capsys) -> None:
     create_label_volume(str(folder / "half.zarr"), (40, 48), (16, 16), np.dtype(np.uint8), {}, False)
-    path = _write(folder, _with(input__path="half.zarr", evaluation=None))
-    _fails_cleanly(capsys, ["validate", path], "half.zarr is the label volume of an unfinished run")
+    for name in ("half.zarr", "half.zarr/0"):
+        path = _write(folder, _with(input__path=name, evaluation=None))
+        _fails_cleanly(capsys, ["validate", path], f"{name} is (in) the label volume of an unfinished run")
+    path = _write(folder, _with(evaluation__ground_truth="half.zarr"))
+    _fails_cleanly(capsys, ["validate", path], "evaluation.ground_truth: ", "half.zarr is (in) the label volume of an unfinished run")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -20,7 +20,7 @@ import zarr
 from pipeline.cluster import check_cluster, connect
 from pipeline.config import ClusterConfig
 from pipeline.errors import PipelineError
-from tests.helpers import REPO, box_filter_reference
+from tests.helpers import REPO, FailOnBright, box_filter_reference
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 
@@ -163,15 +163,6 @@ def test_two_runs_on_one_output_never_interleave(tmp_path) -> None:
     again = subprocess.run([PIPELINE, "run", wf], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r").attrs["pipeline"]["run_id"] != run_id
-
-
-class FailOnBright(torch.nn.Module):
-    """Raises inside the worker (a long TorchScript trace) where a tile holds a bright pixel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool((x > 1000).any()):
-            raise RuntimeError("corrupt tile")
-        return torch.cat([x, -x], dim=1)
 
 
 def test_a_failing_block_is_one_summarised_line_without_worker_logs(tmp_path) -> None:

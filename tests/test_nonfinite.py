@@ -55,11 +55,19 @@ def _float_image_with_holes(seed: int = 0) -> tuple[np.ndarray, list[tuple[int, 
 
 def test_nan_pixels_are_an_error_by_default_naming_count_and_place(tmp_path) -> None:
     image, _ = _float_image_with_holes()
-    weight = np.array([[1], [-1]])
-    raw = _setup(tmp_path, image, BoxFilterNet(1, weight), halo=1)
+    raw = _setup(tmp_path, image, BoxFilterNet(1, np.array([[1], [-1]])), halo=1)
+    raw["model"] = {"arch": "unet", "depth": 1, "width": 2, "num_classes": 2}  # no halo probe at validate
     with pytest.raises(ExecutionError, match=r"img.tif holds 1 NaN/infinite pixel in pixels .* \(first at 5, 7\).*input.non_finite: fill"):
         run(parse_workflow(raw, source=tmp_path / "wf.yaml"))
     assert zarr.open_group(str(tmp_path / "out" / "labels.zarr"), mode="r").attrs["pipeline"]["status"] == "running"
+
+
+def test_validate_finds_them_in_the_crops_it_probes(tmp_path, capsys) -> None:
+    image = np.full((70, 90), 3.0, np.float32)
+    image[35, 45] = np.nan  # the centre crop of the halo probe holds it
+    path = write_workflow(tmp_path / "wf.yaml", **_setup(tmp_path, image, BoxFilterNet(1, np.array([[1], [-1]])), halo=1))
+    assert main(["validate", str(path)]) == 2
+    assert "holds 1 NaN/infinite pixel in pixels" in capsys.readouterr().err
 
 
 def test_fill_policy_replaces_and_reports_every_non_finite_pixel_once(tmp_path, capsys) -> None:
@@ -80,7 +88,7 @@ def test_fill_policy_replaces_and_reports_every_non_finite_pixel_once(tmp_path, 
 def test_whole_image_statistics_name_the_non_finite_count(tmp_path) -> None:
     image, holes = _float_image_with_holes()
     raw = _setup(tmp_path, image, BoxFilterNet(1, np.array([[1], [-1]])), halo=1)
-    raw["model"]["normalize"] = {"percentiles": [1, 99]}
+    raw["model"] = {"arch": "unet", "depth": 1, "width": 2, "num_classes": 2, "normalize": {"percentiles": [1, 99]}}
     with pytest.raises(Exception, match=f"holds {len(holes)} NaN/infinite pixels, so its statistics are undefined"):
         run(parse_workflow(raw, source=tmp_path / "wf.yaml"))
 

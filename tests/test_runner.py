@@ -14,7 +14,7 @@ from pipeline.config import parse_workflow
 from pipeline.errors import EvaluationError, ExecutionError
 from pipeline.io.labels import open_label_volume
 from pipeline.runner import run
-from tests.helpers import BoxFilterNet, box_filter_reference
+from tests.helpers import BoxFilterNet, FailOnBright, box_filter_reference
 
 
 def _workflow(tmp_path, **overrides):
@@ -61,20 +61,11 @@ def test_distributed_run_equals_the_numpy_whole_image_result(tmp_path, padding, 
     assert report["model"]["weights"]["path"].endswith("box.pt")
 
 
-class FailOnMarker(torch.nn.Module):
-    """Raises inside the worker when its tile holds the marker value."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool((x > 1000).any()):
-            raise RuntimeError("corrupt tile")
-        return torch.cat([x, -x], dim=1)
-
-
 def test_a_failing_block_is_named_and_the_output_stays_incomplete(tmp_path) -> None:
     image = np.zeros((100, 100), np.uint16)
     image[90, 10] = 5000
     tifffile.imwrite(tmp_path / "img.tif", image, tile=(32, 32))
-    torch.jit.save(torch.jit.script(FailOnMarker()), tmp_path / "box.pt")
+    torch.jit.save(torch.jit.script(FailOnBright()), tmp_path / "box.pt")
     wf = _workflow(
         tmp_path,
         input={"channel_axis": None},

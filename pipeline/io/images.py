@@ -234,14 +234,20 @@ def _open_zarr(spec: ImageSpec) -> zarr.Array:
         raise InputImageError(
             f"{spec.field}: {spec.path} is neither a TIFF file nor a zarr array: {exc}"
         ) from None
+    group = node
     if isinstance(node, zarr.Array):
-        return node
-    record = node.attrs.get("pipeline")
+        try:  # the array of a label volume: its group holds the run's status
+            group = zarr.open_group(str(Path(spec.path).parent), mode="r")
+        except Exception:
+            return node
+    record = group.attrs.get("pipeline")
     if isinstance(record, dict) and record.get("status") not in (None, "complete"):
         raise InputImageError(
-            f"{spec.field}: {spec.path} is the label volume of an unfinished run (status "
+            f"{spec.field}: {spec.path} is (in) the label volume of an unfinished run (status "
             f"{record.get('status')!r}); expected a complete one"
         )
+    if isinstance(node, zarr.Array):
+        return node
     multiscales = node.attrs.get("ome", {}).get("multiscales") or node.attrs.get("multiscales")
     if multiscales:
         return node[multiscales[0]["datasets"][0]["path"]]

@@ -9,6 +9,12 @@ Layout of ``out/slide.zarr``::
 ``pipeline.status`` is ``"running"`` from creation and becomes ``"complete"`` only after
 every block is written: a crashed run never looks complete. Rewriting a block (Dask
 retries a task whose worker died) writes the same bytes to the same whole chunk.
+
+The ``pipeline`` record is signed (:mod:`.ownership`), so ``overwrite: true`` replaces only a
+volume this user's pipeline provably wrote at this path, deletes only the entries the layout
+above explains, and replaces report files only while they have the bytes the record lists.
+Every block write and the completion mark check the volume's ``run_id``: a task that
+outlives its run never writes into another run's volume.
 """
 
 from __future__ import annotations
