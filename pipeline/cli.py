@@ -68,9 +68,19 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _demo_data(args: argparse.Namespace) -> int:
     from .demo import write_demo_data
 
-    for path in write_demo_data(args.folder, size=args.size, seed=args.seed):
+    for path in write_demo_data(args.folder, size=args.size, seed=args.seed, overwrite=args.overwrite):
         print(path)
     return 0
+
+
+def _demo_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 64 <= value <= 65536:
+        raise argparse.ArgumentTypeError(f"expected 64 to 65536, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,8 +138,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Writes image.tif and labels.tif (tiled TIFF) into FOLDER, unless present.",
     )
     demo.add_argument("folder")
-    demo.add_argument("--size", type=int, default=4096)
+    demo.add_argument("--size", type=_demo_size, default=4096, help="edge in pixels (64 to 65536)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--overwrite", action="store_true", help="replace image.tif/labels.tif of another size")
     demo.set_defaults(handler=_demo_data)
     return parser
 

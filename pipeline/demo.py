@@ -14,6 +14,8 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
+from .errors import PipelineError
+
 CELL_SPACING = 64  # pixels between cell centres, on average
 TIFF_TILE = (256, 256)
 
@@ -49,18 +51,36 @@ def make_demo_image(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return image, labels
 
 
-def write_demo_data(folder: str | Path, size: int = 4096, seed: int = 0) -> list[Path]:
-    """Write ``image.tif`` and ``labels.tif`` (tiled, deflate) unless they already exist."""
+def write_demo_data(folder: str | Path, size: int = 4096, seed: int = 0, overwrite: bool = False) -> list[Path]:
+    """Write ``image.tif`` and ``labels.tif`` (tiled, deflate) unless they already exist.
+
+    Existing files of another size are replaced only with ``overwrite``: they may not be ours.
+    """
     folder = Path(folder)
     image_path, labels_path = folder / "image.tif", folder / "labels.tif"
-    if image_path.exists() and labels_path.exists():
-        with tifffile.TiffFile(image_path) as tif:
-            if tif.series[0].shape == (size, size):
-                return [image_path, labels_path]
-    folder.mkdir(parents=True, exist_ok=True)
-    image, labels = make_demo_image(size, seed)
-    for path, data in ((image_path, image), (labels_path, labels)):
-        tmp = path.with_name(path.name + ".tmp")
-        tifffile.imwrite(tmp, data, tile=TIFF_TILE, compression="zlib")
-        tmp.replace(path)
+    existing = [p for p in (image_path, labels_path) if p.exists() or p.is_symlink()]
+    if len(existing) == 2 and _tiff_shape(image_path) == (size, size) == _tiff_shape(labels_path):
+        return [image_path, labels_path]
+    if existing and not overwrite:
+        raise PipelineError(
+            f"demo-data: {existing[0]} already exists (and is not a {size} x {size} demo image); "
+            f"pass --overwrite to replace it, or choose another folder"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        image, labels = make_demo_image(size, seed)
+        for path, data in ((image_path, image), (labels_path, labels)):
+            tmp = path.with_name(path.name + ".tmp")
+            tifffile.imwrite(tmp, data, tile=TIFF_TILE, compression="zlib")
+            tmp.replace(path)
+    except OSError as exc:
+        raise PipelineError(f"demo-data: cannot write into {folder}: {exc.strerror or exc}") from None
     return [image_path, labels_path]
+
+
+def _tiff_shape(path: Path) -> tuple[int, ...] | None:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tuple(tif.series[0].shape)
+    except Exception:
+        return None

@@ -67,8 +67,8 @@ def _config(args: argparse.Namespace) -> EvaluationConfig:
     }
     if args.classes:
         try:
-            raw["classes"] = yaml.safe_load(Path(args.classes).read_text())
-        except (OSError, yaml.YAMLError) as exc:
+            raw["classes"] = yaml.safe_load(Path(args.classes).read_bytes().decode("utf-8"))
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
             raise PipelineError(f"--classes: cannot read {args.classes}: {exc}") from None
     try:
         return EvaluationConfig.model_validate(raw)

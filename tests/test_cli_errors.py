@@ -280,3 +280,24 @@ def test_random_workflow_documents_never_end_in_a_traceback(folder, capsys, doc)
         assert lines and all(line.startswith("error: ") for line in lines), captured.err
         assert all(len(line) < 2000 for line in lines)
     assert not (folder / "pwned").exists()
+
+
+def test_demo_data_never_replaces_someone_elses_images(tmp_path, capsys) -> None:
+    tifffile.imwrite(tmp_path / "image.tif", np.ones((50, 50), np.uint8))
+    _fails_cleanly(capsys, ["demo-data", str(tmp_path), "--size", "64"], "image.tif already exists", "--overwrite")
+    assert tifffile.imread(tmp_path / "image.tif").shape == (50, 50)
+    assert main(["demo-data", str(tmp_path), "--size", "64", "--overwrite"]) == 0
+    assert tifffile.imread(tmp_path / "image.tif").shape == (64, 64)
+    assert main(["demo-data", str(tmp_path), "--size", "64"]) == 0  # ours, same size: kept as is
+    (tmp_path / "file").write_text("x")
+    _fails_cleanly(capsys, ["demo-data", str(tmp_path / "file" / "sub"), "--size", "64"], "cannot write into")
+
+
+def test_overwrite_never_deletes_a_foreign_group_through_the_cli(folder, capsys) -> None:
+    group = zarr.open_group(str(folder / "out" / "labels.zarr"), mode="w", zarr_format=3)
+    group.create_array("0", shape=(40, 48), chunks=(40, 48), dtype="uint8")[:] = 9
+    group.attrs["pipeline"] = {"status": "complete"}  # what the old check trusted
+    path = _write(folder, _with(output__overwrite=True))
+    for command in ("validate", "run"):
+        _fails_cleanly(capsys, [command, path], "not a label volume this pipeline can prove it wrote")
+    assert (zarr.open_group(str(folder / "out" / "labels.zarr"), mode="r")["0"][:] == 9).all()
