@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import psutil
 from distributed import Client, LocalCluster
 
 from .config import ClusterConfig
@@ -79,8 +80,8 @@ def check_cluster(cfg: ClusterConfig, device: str, task_bytes: int) -> ClusterSh
             f"core{'s' * (cores > 1)}; expected at most {4 * cores}"
         )
     concurrent = shape.n_workers * shape.threads_per_worker
-    memory = total_memory()
-    if memory and concurrent * task_bytes > memory:
+    memory = psutil.virtual_memory().total
+    if concurrent * task_bytes > memory:
         raise PipelineError(
             f"tiling.tile: {concurrent} concurrent task{'s' * (concurrent > 1)} of "
             f"~{task_bytes / 2**30:.1f} GiB each need more than this machine's "
@@ -94,26 +95,18 @@ def check_cluster(cfg: ClusterConfig, device: str, task_bytes: int) -> ClusterSh
                 "cluster.dashboard: the Dask dashboard needs the bokeh package (pip install "
                 "'bokeh>=3.1'); set dashboard: null to run without it"
             ) from None
-    if device.startswith("cuda") and gpu_count() == 0:
+    gpus = gpu_count() if device.startswith("cuda") else 0
+    if device.startswith("cuda") and gpus == 0:
         raise PipelineError(
             f"inference.device: {device} was requested, but this machine has no CUDA device "
             f"visible to torch; use auto or cpu"
         )
-    if device.startswith("cuda:") and int(device.split(":")[1]) >= gpu_count():
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= gpus:
         raise PipelineError(
-            f"inference.device: {device}, but this machine has {gpu_count()} CUDA "
-            f"device{'s' * (gpu_count() != 1)} (cuda:0 .. cuda:{gpu_count() - 1})"
+            f"inference.device: {device}, but this machine has {gpus} CUDA "
+            f"device{'s' * (gpus != 1)} (cuda:0 .. cuda:{gpus - 1})"
         )
     return shape
-
-
-def total_memory() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    except Exception:
-        return None
 
 
 @contextmanager

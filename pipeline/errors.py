@@ -62,3 +62,9 @@ class ExecutionError(PipelineError):
     """A block failed on a worker; names the block and the cause."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message (TorchScript and torch errors carry long traces)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

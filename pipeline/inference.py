@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from .config import InferenceConfig, ModelConfig, NormalizeConfig
-from .errors import InputImageError, NonFiniteOutputError
+from .errors import NonFiniteOutputError
 from .geometry import Box
 from .io.images import ImageSpec, open_image
 from .io.labels import write_block
 from .mirror import read_mirrored
 from .models.loading import load_model
-from .nonfinite import fill_non_finite, find_non_finite
+from .nonfinite import apply_policy
 from .runtime import Runtime, choose_batch_size, forward, prepare_module
 from .tiling import Block, TilePlan
 
@@ -69,7 +69,10 @@ def run_block(index: tuple[int, ...], spec: InferenceSpec) -> BlockResult:
     module = cached_module(spec.model, runtime, spec.torch_threads)
     image = open_image(spec.image)
     raw = image.read_box(block.read, spec.plan.mirror)
-    raw, filled = check_finite_input(raw, block, spec)
+    raw, filled = apply_policy(
+        raw, block.read, spec.plan.image_shape, spec.fill_value, spec.image.path,
+        counted=block.write, context=f", read for block {block.index}",
+    )  # fmt: skip
     x = normalise(raw, spec.normalize)
     try:
         labels = predict_block(x, block, spec.plan, module, runtime, output="labels")
@@ -77,21 +80,6 @@ def run_block(index: tuple[int, ...], spec: InferenceSpec) -> BlockResult:
         raise NonFiniteOutputError(f"model {model_label(spec.model)} {exc}") from None
     write_block(spec.output_path, spec.run_id, block.write, labels.astype(spec.label_dtype))
     return BlockResult(block.index, block.write.size, len(block.tiles), time.perf_counter() - start, filled)
-
-
-def check_finite_input(raw: np.ndarray, block: Block, spec: InferenceSpec) -> tuple[np.ndarray, int]:
-    """Apply the non-finite policy to a block's read box; returns it and the write box's count."""
-    in_image = Box((0,) * block.read.ndim, spec.plan.image_shape)
-    if spec.fill_value is None:
-        found = find_non_finite(raw, block.read, in_image)
-        if found is not None:
-            raise InputImageError(
-                f"input.path: {spec.image.path} holds {found.describe()}, read for block "
-                f"{block.index}; set input.non_finite: fill (with input.fill_value) to replace them"
-            )
-        return raw, 0
-    found = find_non_finite(raw, block.read, block.write)
-    return fill_non_finite(raw, spec.fill_value), (found.count if found else 0)
 
 
 def model_label(cfg: ModelConfig) -> str:

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputImageError
 from .geometry import Box
+
+FILL_HINT = "set input.non_finite: fill (with input.fill_value) to replace them"
 
 
 @dataclass(frozen=True)
@@ -59,3 +62,28 @@ def fill_non_finite(x: np.ndarray, value: float) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.inexact) or np.isfinite(x).all():
         return x
     return np.where(np.isfinite(x), x, np.asarray(value, dtype=x.dtype))
+
+
+def apply_policy(
+    x: np.ndarray,
+    box: Box,
+    image_shape: tuple[int, ...],
+    fill_value: float | None,
+    path: str,
+    counted: Box | None = None,
+    context: str = "",
+) -> tuple[np.ndarray, int]:
+    """The run's policy on ``x`` (covering ``box``, which may reach past the image).
+
+    ``fill_value`` None: InputImageError naming how many non-finite pixels the in-image part
+    holds and where. Otherwise ``x`` filled, and how many there were inside ``counted`` (a
+    write box: each pixel of the image is counted once over all blocks).
+    """
+    in_image = Box((0,) * len(image_shape), image_shape)
+    if fill_value is None:
+        found = find_non_finite(x, box, in_image)
+        if found is not None:
+            raise InputImageError(f"input.path: {path} holds {found.describe()}{context}; {FILL_HINT}")
+        return x, 0
+    found = find_non_finite(x, box, counted or in_image)
+    return fill_non_finite(x, fill_value), (found.count if found else 0)

@@ -18,6 +18,7 @@ import numpy as np
 from .config import NormalizeConfig
 from .errors import InputImageError
 from .io.images import ImageSpec, as_dask_array
+from .nonfinite import FILL_HINT
 
 FLOAT_BINS = 1 << 16
 
@@ -50,7 +51,7 @@ def finite_image(spec: ImageSpec, fill_value: float | None) -> da.Array:
     if bad:
         raise InputImageError(
             f"{spec.field}: {spec.path} holds {bad} NaN/infinite pixels, so its statistics are "
-            f"undefined; set input.non_finite: fill (with input.fill_value) to replace them"
+            f"undefined; {FILL_HINT}"
         )
     return image
 

@@ -12,12 +12,11 @@ import numpy as np
 import torch
 
 from .config import NormalizeConfig
-from .errors import InputImageError
 from .geometry import Box
 from .inference import normalise
 from .io.images import ImageReader
 from .mirror import MirrorMode
-from .nonfinite import fill_non_finite, find_non_finite
+from .nonfinite import apply_policy
 
 SAMPLES = 4
 
@@ -38,16 +37,7 @@ def probe_samples(
     samples = []
     for cy, cx in centres:
         box = Box((cy - size // 2, cx - size // 2), (size, size))
-        raw = image.read_box(box, mirror)
-        if fill_value is None:
-            found = find_non_finite(raw, box, Box((0, 0), (h, w)))
-            if found is not None:
-                raise InputImageError(
-                    f"input.path: {image.spec.path} holds {found.describe()}; set "
-                    f"input.non_finite: fill (with input.fill_value) to replace them"
-                )
-        else:
-            raw = fill_non_finite(raw, fill_value)
+        raw, _ = apply_policy(image.read_box(box, mirror), box, image.shape, fill_value, image.spec.path)
         x = normalise(raw, _crop_statistics(raw, normalize))
         samples.append((f"a crop of the image centred at ({cy}, {cx})", torch.from_numpy(x)))
     return samples

@@ -161,6 +161,18 @@ def test_multi_series_and_multi_page_tiffs_ask_which(folder, capsys) -> None:
         capsys, ["validate", _write(folder, _with(input__path="two.tif", input__series=5, evaluation=None))],
         "input.series: 5, but", "holds 2 image series",
     )  # fmt: skip
+    second = np.random.default_rng(1).integers(0, 255, (20, 24), dtype=np.uint8)
+    with tifffile.TiffWriter(folder / "two.tif") as tif:
+        tif.write(np.zeros((40, 48), np.uint8))
+        tif.write(second)
+    assert main(["run", _write(folder, _with(input__path="two.tif", input__series=1, evaluation=None))]) == 0
+    tifffile.imwrite(folder / "one.tif", second)  # the same image as a file of its own: the reference
+    alone = _with(input__path="one.tif", output__path="out/alone.zarr", evaluation=None)
+    assert main(["run", _write(folder, alone)]) == 0
+    labels = zarr.open_group(str(folder / "out" / "labels.zarr"), mode="r")["0"][:]
+    assert labels.shape == (20, 24)
+    np.testing.assert_array_equal(labels, zarr.open_group(str(folder / "out" / "alone.zarr"), mode="r")["0"][:])
+    capsys.readouterr()
     tifffile.imwrite(folder / "stack.tif", np.zeros((5, 40, 48), np.uint8))
     path = _write(folder, _with(input__path="stack.tif", evaluation=None))
     _fails_cleanly(capsys, ["validate", path], "stack.tif holds a stack of 5 pages of 40 x 48")

@@ -20,7 +20,7 @@ import zarr
 from pipeline.cluster import check_cluster, connect
 from pipeline.config import ClusterConfig
 from pipeline.errors import PipelineError
-from tests.helpers import REPO, FailOnBright, box_filter_reference
+from tests.helpers import REPO, BoxFilterNet, FailOnBright, box_filter_reference
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 
@@ -37,6 +37,37 @@ def test_scheduler_workers_and_http_listen_on_loopback_only() -> None:
         assert len({pid for pid, _ in listening}) >= 3  # the driver (scheduler) and two workers
         assert {ip for _, ip in listening} == {"127.0.0.1"}
         assert all(a.startswith("tcp://127.0.0.1:") for a in client.scheduler_info()["workers"])
+
+
+def test_the_dashboard_is_served_only_where_asked() -> None:
+    import urllib.request
+
+    with connect(ClusterConfig(n_workers=1, dashboard="127.0.0.1:0")) as client:
+        me = psutil.Process()
+        listening = {c.laddr.ip for p in [me, *me.children(recursive=True)] for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        assert listening == {"127.0.0.1"}
+        link = client.dashboard_link
+        assert link.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(link.replace("/status", "/health"), timeout=30) as response:
+            assert response.status == 200
+
+
+def test_pipeline_run_with_a_dashboard(tmp_path, capsys) -> None:
+    from pipeline.cli import main
+
+    wf, expected = _workflow(tmp_path, {"arch": "torchscript", "path": "box.pt"})
+    torch.jit.save(torch.jit.script(BoxFilterNet(2, np.array([[1], [-1]]))), tmp_path / "box.pt")
+    doc = yaml.safe_load(open(wf))
+    doc["cluster"]["dashboard"] = "127.0.0.1:0"
+    Path(wf).write_text(yaml.safe_dump(doc))
+    assert main(["run", wf]) == 0, capsys.readouterr().err
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "out" / "labels.zarr"), mode="r")["0"][:], expected)
+
+
+def test_a_dashboard_without_bokeh_is_a_validate_error(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "bokeh", None)  # what an environment without bokeh sees
+    with pytest.raises(PipelineError, match="cluster.dashboard: the Dask dashboard needs the bokeh package"):
+        check_cluster(ClusterConfig(n_workers=1, dashboard="127.0.0.1:8787"), "cpu", 1 << 20)
 
 
 def test_validate_knows_the_machine() -> None:

@@ -75,12 +75,13 @@ def test_fill_policy_replaces_and_reports_every_non_finite_pixel_once(tmp_path, 
     weight = np.array([[1], [-1]])
     raw = _setup(tmp_path, image, BoxFilterNet(2, weight), halo=2)
     raw["input"].update(non_finite="fill", fill_value=25.0)
-    result = run(parse_workflow(raw, source=tmp_path / "wf.yaml"))
+    assert main(["run", str(write_workflow(tmp_path / "wf.yaml", **raw))]) == 0  # as users run it
+    output = str(tmp_path / "out" / "labels.zarr")
 
     filled = np.where(np.isfinite(image), image, 25.0)
     expected = box_filter_reference(filled[None].astype(np.int64), 2, weight, "reflect").argmax(0)
-    np.testing.assert_array_equal(open_label_volume(result.output_path)[:], expected)
-    record = zarr.open_group(result.output_path, mode="r").attrs["pipeline"]
+    np.testing.assert_array_equal(open_label_volume(output)[:], expected)
+    record = zarr.open_group(output, mode="r").attrs["pipeline"]
     assert record["non_finite_pixels_filled"] == len(holes)  # each pixel in exactly one write box
     assert f"{len(holes)} NaN/infinite input pixels" in capsys.readouterr().out
 

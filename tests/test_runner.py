@@ -153,12 +153,18 @@ def _format_files(tmp_path, fmt: str, net: torch.nn.Module) -> dict:
         return {"arch": "custom", "factory": "tests.helpers:BoxFilterNet", "kwargs": kwargs, "path": "m.safetensors", **declared}
     from tests.models.test_bioimageio import _v04
 
+    if fmt == "bioimageio-source":  # an architecture file shipped with the model: trust_code
+        (tmp_path / "arch.py").write_text("from tests.helpers import BoxFilterNet\n")
+        torch.save(net.state_dict(), tmp_path / "w.pt")
+        entry = {"source": "w.pt", "architecture": "arch.py:BoxFilterNet", "kwargs": {"radius": 2, "weight": [[0], [0]]}}
+        _v04(tmp_path, {"pytorch_state_dict": entry}, halo=2, step=1)
+        return {"arch": "bioimageio", "path": "rdf.yaml", "num_classes": 2, "trust_code": True}
     torch.jit.save(torch.jit.script(net), tmp_path / "m.pt")
     _v04(tmp_path, {"torchscript": {"source": "m.pt"}}, halo=2, step=1)
-    return {"arch": "bioimageio", "path": "rdf.yaml", "num_classes": 2, "normalize": None}
+    return {"arch": "bioimageio", "path": "rdf.yaml", "num_classes": 2}
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "export", "custom", "bioimageio"])
+@pytest.mark.parametrize("fmt", ["torchscript", "export", "custom", "bioimageio", "bioimageio-source"])
 def test_every_model_format_through_pipeline_run(tmp_path, fmt, capsys) -> None:
     """Each format the README lists, loaded and run end to end by `pipeline run`, exact."""
     from pipeline.cli import main
@@ -169,13 +175,11 @@ def test_every_model_format_through_pipeline_run(tmp_path, fmt, capsys) -> None:
     tifffile.imwrite(tmp_path / "img.tif", image, tile=(32, 32))
     weight = np.array([[1], [-1]])
     model = _format_files(tmp_path, fmt, BoxFilterNet(2, weight))
-    if model.get("normalize", {}) is None:
-        model.pop("normalize")
     path = write_workflow(
         tmp_path / "wf.yaml",
         input={"path": "img.tif"},
         model=model,
-        tiling={"tile": 64 if fmt == "bioimageio" else 40},
+        tiling={"tile": 64 if fmt.startswith("bioimageio") else 40},
         output={"path": "out.zarr"},
         cluster={"n_workers": 1},
     )

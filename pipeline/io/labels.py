@@ -58,6 +58,11 @@ def check_output_free(path: str, overwrite: bool, reports: Sequence[str | Path] 
     ``reports`` are the files a run writes beside the volume: they follow the same rule
     (replaced only when the volume being replaced records them with their current bytes).
     """
+    _replaceable_record(path, overwrite, reports)
+
+
+def _replaceable_record(path: str, overwrite: bool, reports: Sequence[str | Path]) -> dict[str, Any] | None:
+    """The verified record of the volume at ``path`` that may be replaced; None if there is none."""
     p = Path(path)
     existing = [str(r) for r in reports if Path(r).exists() or Path(r).is_symlink()]
     if not p.exists() and not p.is_symlink():
@@ -67,9 +72,9 @@ def check_output_free(path: str, overwrite: bool, reports: Sequence[str | Path] 
                 f"{path} records it as written by this pipeline; move it away or choose another "
                 f"output path"
             )
-        return
-    status = _status_of(p)
+        return None
     if not overwrite:
+        status = _status_of(p)
         what = "a complete label volume" if status == STATUS_COMPLETE else (
             "an unfinished run's label volume" if status else "a file or folder"
         )
@@ -98,6 +103,7 @@ def check_output_free(path: str, overwrite: bool, reports: Sequence[str | Path] 
                 f"output.path: report file {report} was not written by the run that wrote "
                 f"{path} (or was changed since); refusing to replace it"
             )
+    return record
 
 
 def _recorded_reports(volume: Path, record: dict[str, Any]) -> list[Path]:
@@ -129,9 +135,8 @@ def create_label_volume(
     Call under :func:`pipeline.io.locks.output_lock`: the check and the replacement must not
     interleave with another run's.
     """
-    check_output_free(path, overwrite, reports)
-    if Path(path).exists():
-        record = _verified_record(Path(path)) or {}
+    record = _replaceable_record(path, overwrite, reports)
+    if record is not None:
         for report in _recorded_reports(Path(path), record):
             report.unlink()
         delete_label_volume(path)
@@ -174,29 +179,40 @@ def create_label_volume(
 
 
 def delete_label_volume(path: str) -> None:
-    """Delete a volume of ours: only the entries it wrote, then its empty folders."""
+    """Delete a volume of ours: only the entries its layout explains, then its empty folders.
+
+    Anything else (a file that appeared since the check, a symbolic link) stays, and the
+    folder holding it cannot be removed: an error, never a deleted foreign file.
+    """
     root = Path(path)
-    if foreign_entries(root):
-        raise OutputExistsError(f"output.path: {path} holds entries this pipeline did not write")
+    grid = _chunk_grid(root)
+    if root.is_symlink() or grid is None:
+        raise OutputExistsError(f"output.path: {path} is not a label volume this pipeline can delete")
+    (root / "zarr.json").unlink(missing_ok=True)  # first: a half-deleted volume must not look like one
+    kept = []
     for folder, _, files in os.walk(root, topdown=False):
+        rel = Path(folder).relative_to(root).parts
         for name in files:
-            (Path(folder) / name).unlink()
-        Path(folder).rmdir()  # fails if anything appeared meanwhile: nothing foreign is deleted
+            entry = Path(folder) / name
+            if not entry.is_symlink() and _expected(rel, name, False, grid):
+                entry.unlink()
+        try:
+            Path(folder).rmdir()
+        except OSError:
+            kept.append(folder)
+    if kept:
+        raise OutputExistsError(
+            f"output.path: {kept[0]} holds entries this pipeline did not write; they were kept"
+        )
 
 
 def foreign_entries(path: Path) -> list[str]:
     """Entries under a volume that its layout does not explain (or symbolic links)."""
     if path.is_symlink() or not path.is_dir():
         return [str(path)]
-    meta = path / LABEL_ARRAY / "zarr.json"
-    try:
-        array = json.loads(meta.read_text())
-        grid = [
-            -(-int(n) // int(c))
-            for n, c in zip(array["shape"], array["chunk_grid"]["configuration"]["chunk_shape"])
-        ]
-    except (OSError, ValueError, KeyError, TypeError):
-        return [str(meta)]
+    grid = _chunk_grid(path)
+    if grid is None:
+        return [str(path / LABEL_ARRAY / "zarr.json")]
     foreign = []
     for folder, dirs, files in os.walk(path):
         rel = Path(folder).relative_to(path).parts
@@ -206,6 +222,18 @@ def foreign_entries(path: Path) -> list[str]:
                 foreign.append(str(entry))
         dirs[:] = [d for d in dirs if not (Path(folder) / d).is_symlink()]
     return foreign
+
+
+def _chunk_grid(path: Path) -> list[int] | None:
+    """Chunks along each axis of the volume's label array, from its metadata (None if unreadable)."""
+    try:
+        array = json.loads((path / LABEL_ARRAY / "zarr.json").read_text())
+        return [
+            -(-int(n) // int(c))
+            for n, c in zip(array["shape"], array["chunk_grid"]["configuration"]["chunk_shape"])
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _expected(rel: tuple[str, ...], name: str, is_dir: bool, grid: list[int]) -> bool:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 
 # Every member torch.export.save writes for one plain program (paths below the archive's root).
 _MEMBER = re.compile(
@@ -98,7 +98,7 @@ def _load(path: str) -> Any:
         names = reader.get_file_names()
         version = reader.read_string("archive_version")
     except Exception as exc:
-        raise UnsafeArchive(f"not a readable .pt2 archive ({_first_line(exc)})") from None
+        raise UnsafeArchive(f"not a readable .pt2 archive ({first_line(exc)})") from None
     if version != "0" or len(set(names)) != len(names):
         raise UnsafeArchive(f"archive version {version!r} (expected '0') or duplicate members")
     for name in names:
@@ -118,7 +118,7 @@ def _load(path: str) -> Any:
         what = f" (it calls {found.group(1)})" if found else ""
         raise UnsafeArchive(f"a pickled object that weights_only loading refuses{what}") from None
     except Exception as exc:  # missing members, malformed JSON
-        raise UnsafeArchive(f"{type(exc).__name__}: {_first_line(exc)}") from None
+        raise UnsafeArchive(f"{type(exc).__name__}: {first_line(exc)}") from None
     if examples is not None and not (
         isinstance(examples, tuple) and len(examples) == 2
         and isinstance(examples[0], tuple) and isinstance(examples[1], dict)
@@ -128,7 +128,7 @@ def _load(path: str) -> Any:
         program = _bytes_to_dataclass(schema.ExportedProgram, program_json)
         return ExportedProgramDeserializer().deserialize(program, state, constants, examples)
     except Exception as exc:
-        raise UnsafeArchive(f"cannot rebuild the program ({_first_line(exc)})") from None
+        raise UnsafeArchive(f"cannot rebuild the program ({first_line(exc)})") from None
 
 
 def _tensors(reader: Any, kind: str, prefix: str, parameters: bool) -> dict[str, torch.Tensor]:
@@ -225,8 +225,3 @@ def _check_expression(source: Any, names: frozenset[str], attributes: frozenset[
             ok = isinstance(node.func, (ast.Name, ast.Attribute))
         if not ok:
             raise UnsafeArchive(f"{type(node).__name__} in the expression {source[:80]!r}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

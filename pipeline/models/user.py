@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import CustomConfig, DeclaredGeometry, ExportConfig, TorchScriptConfig
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from ..tiling import NetworkGeometry
 from .factories import resolve_factory
 from .pt2 import load_program
@@ -32,7 +32,7 @@ def load_torchscript(cfg: TorchScriptConfig, device: str) -> nn.Module:
             warnings.filterwarnings("ignore", message=".*is deprecated", category=DeprecationWarning)
             return torch.jit.load(path, map_location=device).eval()
     except Exception as exc:
-        raise ModelError(f"model.path: {path} is not a TorchScript file: {_first_line(exc)}") from None
+        raise ModelError(f"model.path: {path} is not a TorchScript file: {first_line(exc)}") from None
 
 
 def load_export(cfg: ExportConfig, device: str) -> tuple[nn.Module, SizeRule | None, int | None]:
@@ -90,7 +90,7 @@ def build_custom(cfg: CustomConfig) -> nn.Module:
             module = factory(**cfg.kwargs)
         except Exception as exc:
             raise ModelError(
-                f"model.kwargs: {cfg.factory}(**{cfg.kwargs}) failed: {_first_line(exc)}"
+                f"model.kwargs: {cfg.factory}(**{cfg.kwargs}) failed: {first_line(exc)}"
             ) from None
     if not isinstance(module, nn.Module):
         raise ModelError(f"model.factory: {cfg.factory} returned {type(module).__name__}, not an nn.Module")
@@ -145,7 +145,7 @@ def probe_trim(
     except Exception as exc:
         raise ModelError(
             f"model.path: {label} fails on a 1 x {in_channels} x {size} x {size} input "
-            f"(model.in_channels, input size rule): {_first_line(exc)}"
+            f"(model.in_channels, input size rule): {first_line(exc)}"
         ) from None
     if not isinstance(y, torch.Tensor) or y.ndim != 4:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -202,8 +202,3 @@ def _existing(path: str | None) -> str:
     if path is None or not Path(path).is_file():
         raise ModelError(f"model.path: file not found: {path}")
     return path
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

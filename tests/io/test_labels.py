@@ -14,6 +14,7 @@ from pipeline.io.labels import (
     check_chunk_aligned,
     check_output_free,
     create_label_volume,
+    delete_label_volume,
     foreign_entries,
     label_dtype,
     mark_complete,
@@ -207,3 +208,14 @@ def test_a_replaced_volume_takes_no_more_writes_of_the_old_run(tmp_path) -> None
         mark_complete(path, old, {})
     assert zarr.open_group(path, mode="r")["0"][:].max() == 0
     assert zarr.open_group(path, mode="r").attrs["pipeline"]["status"] == "running"
+
+
+def test_deleting_keeps_a_file_that_appeared_after_the_check(tmp_path) -> None:
+    path = tmp_path / "out.zarr"
+    run_id = _volume(path, shape=(16, 8), chunks=(8, 8))
+    write_block(str(path), run_id, Box((0, 0), (8, 8)), np.ones((8, 8), np.uint8))
+    (path / "0" / "c" / "late.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="holds entries this pipeline did not write; they were kept"):
+        delete_label_volume(str(path))
+    assert (path / "0" / "c" / "late.txt").read_text() == "keep me"
+    assert not (path / "0" / "c" / "0" / "0").exists() and not (path / "zarr.json").exists()
