@@ -7,11 +7,13 @@ without a traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from . import __version__
-from .errors import PipelineError
+from .errors import PipelineError, RunInterrupted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(exc).splitlines() or [type(exc).__name__]:
             print(f"error: {line}", file=sys.stderr)  # one line per problem
         return exc.exit_code
+    except RunInterrupted as exc:
+        return exc.exit_code  # the runner said what stays and how to resume
     except KeyboardInterrupt:
         print("interrupted: any output being written is left marked incomplete", file=sys.stderr)
         return 130
@@ -55,8 +59,32 @@ def _run(args: argparse.Namespace) -> int:
     from .config import load_workflow
     from .runner import run
 
-    run(load_workflow(args.workflow))
+    workflow = load_workflow(args.workflow)
+    with _signals_interrupt():
+        run(workflow, resume=args.resume, performance_report=args.performance_report)
     return 0
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM (``scancel``, ``kill``, a pod's termination) stop a run cleanly.
+
+    The first one raises :class:`RunInterrupted` in the main thread: the runner cancels the
+    tasks, stops the cluster and says how to resume; the exit status is 128 + the signal
+    (130, 143). Repeats are ignored while that shutdown runs.
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise RunInterrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -99,6 +127,18 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("workflow", help="workflow YAML file")
         cmd.set_defaults(handler=handler)
+        if name == "run":
+            cmd.add_argument(
+                "--resume",
+                action="store_true",
+                help="finish an interrupted run: compute only the blocks its output lacks "
+                "(refused if the input, model or label-deciding settings changed); "
+                "starts as usual when there is nothing to resume",
+            )
+            cmd.add_argument(
+                "--performance-report", metavar="FILE", default=None,
+                help="write Dask's HTML performance report of the block computation here",
+            )  # fmt: skip
 
     ev = sub.add_parser(
         "evaluate",

@@ -16,10 +16,12 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PlainSerializer,
     PlainValidator,
     PrivateAttr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -350,13 +352,163 @@ def _dashboard(value: object) -> str | None:
     raise ValueError("null (no dashboard) or host:port to serve it on, e.g. 127.0.0.1:8787")
 
 
-class ClusterConfig(Section):
+def _duration(value: object) -> str:
+    """A Dask duration: ``"55m"``, ``"2h"``, ``"90s"`` (what ``dask worker --lifetime`` takes)."""
+    if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?\s*(s|m|h|d)", value.strip()):
+        return value.strip()
+    raise ValueError("a duration like '90s', '55m' or '2h'")
+
+
+def _walltime(value: object) -> str:
+    if isinstance(value, str) and re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}(:\d{2})?", value):
+        return value
+    raise ValueError("a walltime like '01:30:00' (hours:minutes:seconds, or days-hh:mm:ss)")
+
+
+def _memory(value: object) -> str:
+    if isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)", value.strip()):
+        return value.strip()
+    raise ValueError("an amount of memory like '16GB' or '16GiB'")
+
+
+def _environment(value: object) -> dict[str, str]:
+    if isinstance(value, dict) and all(
+        isinstance(k, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k) and isinstance(v, (str, int, float))
+        and not isinstance(v, bool)
+        for k, v in value.items()
+    ):
+        return {k: str(v) for k, v in value.items()}
+    raise ValueError("a mapping of environment variable names to values, e.g. {MALLOC_ARENA_MAX: 2}")
+
+
+Duration = Annotated[str, PlainValidator(_duration)]
+
+
+class ClusterBase(Section):
+    """What every cluster kind shares: how blocks are retried, and the workers' environment."""
+
+    retries: int = Field(
+        default=2, ge=0, le=10, description="reruns of a block whose task raised, before the run stops"
+    )
+    environment: Annotated[dict[str, str], PlainValidator(_environment)] = Field(
+        default_factory=dict,
+        description="environment of the worker processes, set before they start (allocator settings, ...)",
+    )
+    worker_timeout: Duration = Field(
+        default="10m", description="how long the run waits with no worker at all before it stops"
+    )
+
+
+class LocalClusterConfig(ClusterBase):
+    """Worker processes on this machine (distributed.LocalCluster)."""
+
     kind: Literal["local"] = "local"
     n_workers: _int_or_auto(1) = "auto"  # type: ignore[valid-type]
     threads_per_worker: _int_or_auto(1) = "auto"  # type: ignore[valid-type]
     dashboard: Annotated[str | None, PlainValidator(_dashboard)] = Field(
         default=None, description="host:port of the Dask dashboard (needs bokeh); null: none"
     )
+
+
+class AddressClusterConfig(ClusterBase):
+    """A running Dask scheduler that someone else started (``dask scheduler`` / ``dask worker``)."""
+
+    kind: Literal["address"]
+    address: str | None = Field(default=None, pattern=r"^(tcp|tls|inproc|ucx|ws|wss)://\S+$")
+    scheduler_file: PathStr | None = None
+    wait_for_workers: int = Field(default=1, ge=1, description="workers to wait for before the run starts")
+
+    @model_validator(mode="after")
+    def _one_address(self) -> AddressClusterConfig:
+        if (self.address is None) == (self.scheduler_file is None):
+            raise ValueError("exactly one of address (tcp://host:8786) or scheduler_file")
+        return self
+
+
+class JobCount(Section):
+    minimum: int = Field(ge=0)
+    maximum: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> JobCount:
+        if self.minimum > self.maximum:
+            raise ValueError("minimum <= maximum")
+        return self
+
+
+class JobqueueClusterConfig(ClusterBase):
+    """Workers as batch jobs through dask-jobqueue; each field names the jobqueue one it sets."""
+
+    kind: Literal["slurm", "pbs", "lsf", "sge"]
+    queue: str | None = Field(default=None, description="queue / SLURM partition (queue)")
+    account: str | None = Field(default=None, description="account / project charged (account, project)")
+    cores: int = Field(default=1, ge=1, description="cores per job (job_cpu, ncpus, resource_spec)")
+    memory: Annotated[str, PlainValidator(_memory)] = Field(default="4GB", description="memory per job (memory)")
+    processes: int = Field(default=1, ge=1, description="worker processes per job (processes)")
+    threads_per_worker: _int_or_auto(1) = "auto"  # type: ignore[valid-type]
+    gpus_per_job: int = Field(default=0, ge=0, description="GPUs per job: one worker process each")
+    walltime: Annotated[str, PlainValidator(_walltime)] = Field(default="01:00:00", description="walltime")
+    directives: list[str] = Field(default_factory=list, description="extra header lines (job_extra_directives)")
+    jobs: int | JobCount = Field(default=1, description="a fixed count, or {minimum, maximum} (adapt)")
+    worker_lifetime: Duration | None = Field(
+        default=None, description="workers retire after this and are replaced (--lifetime)"
+    )
+    lifetime_stagger: Duration = Field(default="5m", description="spread of retirements (--lifetime-stagger)")
+    interface: str | None = Field(default=None, description="network interface of scheduler and workers (interface)")
+    prologue: list[str] = Field(default_factory=list, description="job-script lines before the worker starts (job_script_prologue)")
+    python: str | None = Field(default=None, description="the workers' python (python); default: this one")
+    log_directory: PathStr | None = Field(default=None, description="job logs (log_directory)")
+    dashboard: Annotated[str | None, PlainValidator(_dashboard)] = None
+
+    @model_validator(mode="after")
+    def _gpu_processes(self) -> JobqueueClusterConfig:
+        if self.gpus_per_job and self.processes not in (1, self.gpus_per_job):
+            raise ValueError(f"processes equal to gpus_per_job ({self.gpus_per_job}): one worker per GPU")
+        if isinstance(self.jobs, int) and self.jobs < 1:
+            raise ValueError("at least one job")
+        return self
+
+    @property
+    def worker_processes(self) -> int:
+        return self.gpus_per_job or self.processes
+
+
+class KubernetesResources(Section):
+    cpu: str = Field(default="2", pattern=r"^\d+(\.\d+)?m?$")
+    memory: str = Field(default="8Gi", pattern=r"^\d+(\.\d+)?([KMGT]i?)?$")
+
+
+class KubernetesClusterConfig(ClusterBase):
+    """A DaskCluster resource created through the Dask Kubernetes operator (pip extra ``kubernetes``)."""
+
+    kind: Literal["kubernetes"]
+    name: str = Field(default="gigaseg", pattern=r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
+    namespace: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    image: str = Field(description="worker and scheduler image with this pipeline installed")
+    n_workers: int = Field(default=1, ge=1)
+    threads_per_worker: _int_or_auto(1) = "auto"  # type: ignore[valid-type]
+    resources: KubernetesResources = KubernetesResources()
+    gpus_per_worker: int = Field(default=0, ge=0, le=1, description="nvidia.com/gpu per worker pod (0 or 1)")
+
+
+def _cluster_kind(value: object) -> str:
+    if isinstance(value, dict):
+        kind = value.get("kind", "local")
+        return _CLUSTER_TAGS.get(kind, str(kind))
+    return _CLUSTER_TAGS.get(getattr(value, "kind", "local"), "")
+
+
+_CLUSTER_TAGS = {"local": "local", "address": "address", "kubernetes": "kubernetes"} | {
+    k: "jobqueue" for k in ("slurm", "pbs", "lsf", "sge")
+}
+CLUSTER_KINDS = tuple(_CLUSTER_TAGS)
+ClusterConfig = Annotated[
+    Annotated[LocalClusterConfig, Tag("local")]
+    | Annotated[AddressClusterConfig, Tag("address")]
+    | Annotated[JobqueueClusterConfig, Tag("jobqueue")]
+    | Annotated[KubernetesClusterConfig, Tag("kubernetes")],
+    Discriminator(_cluster_kind),
+]
 
 
 class Workflow(Section):
@@ -366,7 +518,7 @@ class Workflow(Section):
     inference: InferenceConfig = InferenceConfig()
     output: OutputConfig
     evaluation: EvaluationConfig | None = None
-    cluster: ClusterConfig = ClusterConfig()
+    cluster: ClusterConfig = LocalClusterConfig()
     _source: str = PrivateAttr(default="<memory>")
 
     @property
@@ -421,7 +573,7 @@ def parse_workflow(raw: object, source: str | Path = "<memory>") -> Workflow:
 
 def _resolve_paths(wf: Workflow, base: Path, source: str) -> Workflow:
     def fix(section: BaseModel | None, key: str) -> BaseModel | None:
-        if section is None or getattr(section, key) is None:
+        if section is None or getattr(section, key, None) is None:
             return section
         return section.model_copy(update={key: resolve_path(getattr(section, key), base)})
 
@@ -431,6 +583,7 @@ def _resolve_paths(wf: Workflow, base: Path, source: str) -> Workflow:
             "model": fix(wf.model, "path"),
             "output": fix(wf.output, "path"),
             "evaluation": fix(fix(wf.evaluation, "ground_truth"), "ignore_mask"),
+            "cluster": fix(fix(wf.cluster, "scheduler_file"), "log_directory"),
         }
     )
     resolved._source = source
@@ -444,14 +597,36 @@ def resolve_path(value: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-_UNION_TAGS = {"unet", "dilated", "torchscript", "export", "custom", "bioimageio"}
+def _union_members() -> dict[str, dict[str, type[BaseModel]]]:
+    """Per section holding a tagged union: tag -> member class (tags appear in error paths)."""
+    return {
+        "model": {
+            "unet": UNetConfig,
+            "dilated": DilatedConfig,
+            "torchscript": TorchScriptConfig,
+            "export": ExportConfig,
+            "custom": CustomConfig,
+            "bioimageio": BioimageioConfig,
+        },
+        "cluster": {
+            "local": LocalClusterConfig,
+            "address": AddressClusterConfig,
+            "jobqueue": JobqueueClusterConfig,
+            "kubernetes": KubernetesClusterConfig,
+        },
+    }
+
+
+_UNION_TAGS = set(_union_members()["model"])
+_TAG_FIELD = {"model": ("arch", sorted(_UNION_TAGS)), "cluster": ("kind", list(CLUSTER_KINDS))}
 
 
 def format_error(source: object, err: dict[str, Any]) -> str:
     """One pydantic error as ``file: field.path: expected X, got Y``."""
     loc = [str(p) for p in err["loc"]]
     # Drop the discriminated union's tag and union-member names from the path.
-    loc = [p for i, p in enumerate(loc) if not (i == 1 and loc[0] == "model" and p in _UNION_TAGS)]
+    members = _union_members()
+    loc = [p for i, p in enumerate(loc) if not (i == 1 and p in members.get(loc[0], ()))]
     loc = [p for p in loc if not p.startswith(("literal[", "function-"))]
     field = ".".join(loc) or "(top level)"
     kind = err["type"]
@@ -466,10 +641,11 @@ def format_error(source: object, err: dict[str, Any]) -> str:
                 f"receptive field of a model it cannot see into, so declare it in pixels"
             )
         return f"{source}: {field}: required field is missing"
-    if kind == "union_tag_invalid":
-        return f"{source}: {field}.arch: expected one of {err['ctx']['expected_tags']}, got {got.get('arch')!r}"
-    if kind == "union_tag_not_found":
-        return f"{source}: {field}.arch: required field is missing ({', '.join(sorted(_UNION_TAGS))})"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tag, allowed_tags = _TAG_FIELD.get(loc[0] if loc else "", ("arch", sorted(_UNION_TAGS)))
+        if kind == "union_tag_not_found":
+            return f"{source}: {field}.{tag}: required field is missing ({', '.join(allowed_tags)})"
+        return f"{source}: {field}.{tag}: expected one of {', '.join(allowed_tags)}, got {got.get(tag)!r}"
     msg = err["msg"]
     for prefix in ("Input should be ", "Value error, "):
         if msg.startswith(prefix):
@@ -481,18 +657,12 @@ def format_error(source: object, err: dict[str, Any]) -> str:
 
 def _allowed_keys(loc: tuple) -> list[str]:
     model: type[BaseModel] | None = Workflow
-    for part in loc[:-1]:
+    members = _union_members()
+    for i, part in enumerate(loc[:-1]):
         if model is None:
             break
-        if part in _UNION_TAGS:
-            model = {
-                "unet": UNetConfig,
-                "dilated": DilatedConfig,
-                "torchscript": TorchScriptConfig,
-                "export": ExportConfig,
-                "custom": CustomConfig,
-                "bioimageio": BioimageioConfig,
-            }[part]
+        if i == 1 and part in members.get(str(loc[0]), {}):
+            model = members[str(loc[0])][part]
             continue
         info = model.model_fields.get(str(part))
         annotation = getattr(info, "annotation", None)

@@ -68,3 +68,22 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an error's message (TorchScript and torch errors carry long traces)."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+class ResumeRefusedError(PipelineError):
+    """An interrupted run cannot be resumed: what decides its labels changed since it started."""
+
+
+class RunInterrupted(BaseException):
+    """The driver got SIGINT or SIGTERM: the run stops, its volume stays resumable.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -101,14 +101,14 @@ def _display(image: np.ndarray) -> np.ndarray:
     return np.moveaxis(x, 0, -1)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType sizes
         return ImageFont.load_default()
 
 
-def _text_width(font: ImageFont.ImageFont, text: str) -> int:
+def _text_width(font: ImageFont.ImageFont | ImageFont.FreeTypeFont, text: str) -> int:
     box = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
     return int(box[2] - box[0])
 

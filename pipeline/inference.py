@@ -23,7 +23,7 @@ from .config import InferenceConfig, ModelConfig, NormalizeConfig
 from .errors import NonFiniteOutputError
 from .geometry import Box
 from .io.images import ImageSpec, open_image
-from .io.labels import write_block
+from .io.labels import mark_block_done, write_block
 from .mirror import read_mirrored
 from .models.loading import load_model
 from .nonfinite import apply_policy
@@ -79,6 +79,7 @@ def run_block(index: tuple[int, ...], spec: InferenceSpec) -> BlockResult:
     except NonFiniteOutputError as exc:
         raise NonFiniteOutputError(f"model {model_label(spec.model)} {exc}") from None
     write_block(spec.output_path, spec.run_id, block.write, labels.astype(spec.label_dtype))
+    mark_block_done(spec.output_path, spec.run_id, block.index)  # only after the chunk is written
     return BlockResult(block.index, block.write.size, len(block.tiles), time.perf_counter() - start, filled)
 
 

@@ -20,7 +20,7 @@ never 0 or 1. A class absent from both truth and prediction has undefined IoU/Di
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -55,7 +55,7 @@ def confusion_matrix(
     m_all = None if ignore_mask is None else np.asarray(ignore_mask, bool).ravel()
     k2 = num_classes * num_classes
     # The smallest type that holds t * K + p keeps the strips in cache: ~7x faster than int64.
-    combined = np.uint8 if k2 <= 256 else (np.uint16 if k2 <= 65536 else np.int64)
+    combined: type[np.integer[Any]] = np.uint8 if k2 <= 256 else (np.uint16 if k2 <= 65536 else np.int64)
     counts = np.zeros(k2, np.int64)
     for start in range(0, t_all.size, STRIP):
         t = t_all[start : start + STRIP]

@@ -14,7 +14,7 @@ image width. So a read is an index map, not a local pad:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -64,4 +64,5 @@ def read_mirrored(
     if box.clip(image_shape) == box:
         return region  # entirely inside: the slice is the answer
     local = [ix - s.start for ix, s in zip(index_maps, source)]
-    return region[(Ellipsis, *np.ix_(*local))]
+    index: tuple[Any, ...] = (Ellipsis, *np.ix_(*local))
+    return region[index]

@@ -79,8 +79,10 @@ def _histograms(image: da.Array, offset: int, bins: int) -> np.ndarray:
         counts = np.stack([np.bincount(row, minlength=bins) for row in flat])
         return counts.reshape((1,) * (block.ndim - 1) + counts.shape)
 
-    per_block = image.map_blocks(
+    # The function form: Array.map_blocks is functools.wraps-ed, which its stubs type unbound.
+    per_block = da.map_blocks(
         block_counts,
+        image,
         chunks=(1,) * (image.ndim - 1) + (image.shape[0], bins),
         drop_axis=0,
         new_axis=[image.ndim - 1, image.ndim],

@@ -19,7 +19,7 @@ from .encodings import LabelEncoding
 from .errors import EvaluationError, PipelineError
 from .evaluation import EvaluationSpec
 from .io.images import ImageReader, ImageSpec, open_image
-from .io.labels import check_output_free, label_dtype
+from .io.labels import check_output_free, is_label_volume, label_dtype
 from .io.locations import check_not_an_input, check_writable
 from .io.locks import check_unlocked
 from .models.loading import LoadedModel, check_declared_halo, load_model, needs_halo_probe
@@ -91,10 +91,14 @@ def evaluation_spec(cfg: EvaluationConfig, num_classes: int) -> EvaluationSpec:
     )
 
 
-def prepare(wf: Workflow) -> Prepared:
-    """All checks short of computing: files, formats, model, sizes, output. Errors name the field."""
+def prepare(wf: Workflow, resume: bool = False) -> Prepared:
+    """All checks short of computing: files, formats, model, sizes, output. Errors name the field.
+
+    ``resume``: an existing volume of this pipeline is no error (the runner checks, under
+    the output lock, that it can be resumed).
+    """
     try:
-        return _prepare(wf)
+        return _prepare(wf, resume)
     except PipelineError as exc:
         raise type(exc)(f"{wf.source}: {exc}") from None
 
@@ -105,8 +109,15 @@ def non_finite_fill(wf: Workflow) -> float | None:
 
 
 def report_files(wf: Workflow) -> list[Path]:
-    """The report files a run of ``wf`` writes beside its output (none without evaluation)."""
-    return [] if wf.evaluation is None else ReportFiles.beside(wf.output.path).written()
+    """The files a run of ``wf`` writes beside its output: run.json, and the evaluation's."""
+    evaluation = [] if wf.evaluation is None else ReportFiles.beside(wf.output.path).written()
+    return [run_json_path(wf), *evaluation]
+
+
+def run_json_path(wf: Workflow) -> Path:
+    """``out/slide.zarr`` -> ``out/slide.run.json``."""
+    p = Path(wf.output.path)
+    return p.with_name(f"{p.stem}.run.json")
 
 
 def protected_inputs(wf: Workflow) -> dict[str, str | None]:
@@ -130,7 +141,7 @@ def check_output_location(wf: Workflow) -> None:
     check_writable(wf.output.path, "output.path")
 
 
-def _prepare(wf: Workflow) -> Prepared:
+def _prepare(wf: Workflow, resume: bool) -> Prepared:
     check_output_location(wf)
     check_unlocked(wf.output.path)
     image = open_image(input_spec(wf))
@@ -159,7 +170,8 @@ def _prepare(wf: Workflow) -> Prepared:
     truth = None
     if wf.evaluation is not None:
         truth = _check_truth(wf, image)
-    check_output_free(wf.output.path, wf.output.overwrite, report_files(wf))
+    if not (resume and is_label_volume(wf.output.path)):
+        check_output_free(wf.output.path, wf.output.overwrite, report_files(wf))
     notes = []
     segment = int(np.prod(image.chunks)) * image.channels * image.dtype.itemsize
     if segment > SEGMENT_NOTE_BYTES:

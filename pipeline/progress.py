@@ -10,9 +10,18 @@ from typing import TextIO
 class Progress:
     """Prints a line that updates in place on a terminal, or a line every few seconds."""
 
-    def __init__(self, total_blocks: int, total_tiles: int, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total_blocks: int,
+        total_tiles: int,
+        stream: TextIO | None = None,
+        resumed_blocks: int = 0,
+        resumed_tiles: int = 0,
+    ) -> None:
+        """``resumed_*``: written by an interrupted run; counted as done, not in the rate."""
         self.total_blocks, self.total_tiles = total_blocks, total_tiles
-        self.blocks = self.tiles = self.pixels = 0
+        self.blocks, self.tiles, self.pixels = resumed_blocks, resumed_tiles, 0
+        self.resumed = resumed_blocks
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.interval = 0.2 if self.tty else 5.0
@@ -32,7 +41,8 @@ class Progress:
         elapsed = (now or time.perf_counter()) - self.start
         rate = self.pixels / elapsed if elapsed > 0 else 0.0
         left = self.total_blocks - self.blocks
-        eta = elapsed / self.blocks * left if self.blocks else float("nan")
+        computed = self.blocks - self.resumed
+        eta = elapsed / computed * left if computed else float("nan")
         return (
             f"blocks {self.blocks}/{self.total_blocks} (tiles {self.tiles}/{self.total_tiles}) "
             f"{100 * self.blocks / max(1, self.total_blocks):3.0f}% | {rate / 1e6:.2f} MPx/s | "

@@ -106,8 +106,10 @@ def summarize(
     units = None
     if spec.breakdown:
         cells = []
+        stacks = []
         for r in results:
             assert r.regions is not None and r.cell is not None
+            stacks.append(r.regions.reshape(-1, *r.regions.shape[-2:]))
             for index in np.ndindex(*r.regions.shape[:-2]):
                 cells.append(
                     {
@@ -123,7 +125,7 @@ def summarize(
             "per_slice": spec.per_slice,
             "per_region": cells,
         }
-        units = ("regions", np.concatenate([r.regions.reshape(-1, *r.regions.shape[-2:]) for r in results]))
+        units = ("regions", np.concatenate(stacks))
     elif len(results) > 1:
         units = ("images", np.stack([r.confusion for r in results]))
     if bootstrap and units is not None:
@@ -140,7 +142,8 @@ def summarize(
 
 def pooled_scores(results: list[PairResult], spec: EvaluationSpec) -> Scores:
     """Dataset-level statistics: of the confusion matrices summed over every image."""
-    return scores_from_confusion(sum(r.confusion for r in results), spec.absent)
+    total = sum((r.confusion for r in results), np.zeros((), np.int64))
+    return scores_from_confusion(total, spec.absent)
 
 
 def format_table(scores: Scores, names: list[str]) -> str:

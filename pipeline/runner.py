@@ -1,24 +1,37 @@
-"""Run a workflow: plan -> one Dask task per block (infer + write) -> evaluate -> report."""
+"""Run a workflow: plan -> one Dask task per block (infer + write) -> evaluate -> report.
+
+Every run leaves ``<output stem>.run.json`` beside the volume (also when it fails or is
+interrupted): what ran, where, how fast, and what happened to every block. A run that
+stops early leaves the volume ``running`` with its finished blocks in the ledger, and
+``pipeline run --resume`` computes only the rest.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-from distributed import KilledWorker, as_completed
 
 from . import __version__
-from .cluster import connect
+from .cluster import Connection, connect
 from .config import NormalizeConfig, Workflow
-from .errors import ExecutionError, PipelineError
+from .errors import PipelineError, RunInterrupted
 from .evaluation import LabelPair
-from .inference import InferenceSpec, measure_batch_size, run_block, share_spec
+from .execution import BlockCounts, execute_blocks
+from .inference import InferenceSpec, measure_batch_size
 from .io.images import ImageSpec
-from .io.labels import create_label_volume, mark_complete, record_reports
+from .io.labels import (
+    check_run,
+    create_label_volume,
+    is_label_volume,
+    mark_complete,
+    record_reports,
+    resume_label_volume,
+)
 from .io.locks import output_lock
 from .metrics import Scores
 from .normalization import resolve_normalization
@@ -34,12 +47,13 @@ from .planning import (
     non_finite_fill,
     prepare,
     report_files,
+    run_json_path,
     truth_spec,
 )
 from .progress import Progress, format_seconds
-from .report import UNTRAINED_NOTE, format_table
+from .provenance import run_document, run_fingerprints
+from .report import UNTRAINED_NOTE, format_table, write_json
 from .scorecard import ReportFiles, evaluate_and_report
-from .tiling import TilePlan
 
 
 @dataclass(frozen=True)
@@ -48,77 +62,222 @@ class RunResult:
     report_path: str | None
     scores: Scores | None
     seconds: float
+    blocks: BlockCounts | None = None
 
 
-def run(wf: Workflow, out: TextIO | None = None, err: TextIO | None = None) -> RunResult:
-    """Run the workflow end to end; prints the plan, progress, output and report paths."""
+@dataclass
+class RunState:
+    """What run.json reports, filled in as the run goes."""
+
+    status: str = "starting"
+    run_id: str | None = None
+    cluster: dict[str, Any] | None = None
+    timings: dict[str, float] | None = None
+    blocks: BlockCounts | None = None
+    tiles: int = 0
+    megapixels_per_second: float | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "run_id": self.run_id,
+            "cluster": self.cluster,
+            "timings": {k: round(v, 3) for k, v in (self.timings or {}).items()},
+            "blocks": self.blocks.as_dict() if self.blocks else None,
+            "tiles": self.tiles,
+            "megapixels_per_second": self.megapixels_per_second,
+            "error": self.error,
+        }
+
+
+def run(
+    wf: Workflow,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    *,
+    resume: bool = False,
+    performance_report: str | None = None,
+) -> RunResult:
+    """Run the workflow end to end; prints the plan, progress, output and report paths.
+
+    ``resume``: if the output holds an interrupted run of the same input, model and
+    label-deciding settings, compute only its missing blocks (else start as usual).
+    """
     out, err = out or sys.stdout, err or sys.stderr
     started = time.perf_counter()
-    prepared = prepare(wf)
-    plan = prepared.plan
+    timings: dict[str, float] = {}
+    prepared = prepare(wf, resume=resume)
+    timings["plan"] = time.perf_counter() - started
     print(describe_plan(prepared), file=out, flush=True)
-    image = input_spec(wf)
+    state = RunState(timings=timings)
     scores = None
     reports = report_files(wf)
-    with output_lock(wf.output.path), connect(wf.cluster, wf.inference.device) as client:
-        if wf.inference.batch_size == "auto":
-            batch = client.submit(measure_batch_size, wf.model, wf.inference, plan.read_shape, pure=False).result()
-            prepared = replace(prepared, plan=make_plan(wf, prepared.image, prepared.model, batch))
-            plan = prepared.plan
-            print(f"batch      {batch} tiles per forward pass (from free device memory)", file=out, flush=True)
+    with ExitStack() as stack:
+        stack.enter_context(output_lock(wf.output.path))
+        conn = stack.enter_context(connect(wf.cluster, wf.inference.device))
+        try:
+            scores = _run_connected(wf, prepared, conn, state, reports, resume, performance_report, out, err)
+        except (KeyboardInterrupt, RunInterrupted) as exc:
+            state.status = "interrupted"
+            signal_name = "SIGTERM" if isinstance(exc, RunInterrupted) and exc.signum == 15 else "SIGINT"
+            print(
+                f"interrupted ({signal_name}): the run's tasks were cancelled and the cluster "
+                f"stopped; {wf.output.path} keeps its written blocks: rerun with --resume to "
+                f"compute the rest",
+                file=err,
+                flush=True,
+            )
+            raise
+        except BaseException as exc:
+            state.status = "failed"
+            state.error = str(exc).splitlines()[0] if isinstance(exc, PipelineError) else type(exc).__name__
+            raise
+        finally:
+            timings["total"] = time.perf_counter() - started
+            if state.run_id is not None:
+                _write_run_json(wf, prepared, state, reports)
+    total = time.perf_counter() - started
+    print(f"done in {format_seconds(total)}", file=out, flush=True)
+    report_path = str(ReportFiles.beside(wf.output.path).json) if scores is not None else None
+    return RunResult(wf.output.path, report_path, scores, total, state.blocks)
+
+
+def _run_connected(
+    wf: Workflow,
+    prepared: Prepared,
+    conn: Connection,
+    state: RunState,
+    reports: list[Path],
+    resume: bool,
+    performance_report: str | None,
+    out: TextIO,
+    err: TextIO,
+) -> Scores | None:
+    timings = state.timings
+    assert timings is not None
+    client = conn.client
+    if conn.cfg.kind == "address":
+        print(f"cluster    {conn.shape.describe()}", file=out, flush=True)
+    if conn.dashboard:
+        print(f"dashboard  {conn.dashboard}", file=out, flush=True)
+    plan = prepared.plan
+    if wf.inference.batch_size == "auto":
+        batch = client.submit(measure_batch_size, wf.model, wf.inference, plan.read_shape, pure=False).result()
+        prepared = replace(prepared, plan=make_plan(wf, prepared.image, prepared.model, batch))
+        plan = prepared.plan
+        print(f"batch      {batch} tiles per forward pass (from free device memory)", file=out, flush=True)
+    image = input_spec(wf)
+    check_output_location(wf)
+    fingerprints = run_fingerprints(wf, prepared.model.identity, plan)
+    done: set[tuple[int, ...]] = set()
+    t = time.perf_counter()
+    if resume and is_label_volume(wf.output.path):
+        run_id, done = resume_label_volume(wf.output.path, fingerprints, reports)
+        normalize = NormalizeConfig.model_validate(check_run(wf.output.path, run_id)["normalization"], strict=False)
+        print(
+            f"resume     {len(done)} of {plan.n_blocks} blocks were written by the interrupted "
+            f"run {run_id[:8]}; computing the other {plan.n_blocks - len(done)}",
+            file=out,
+            flush=True,
+        )
+    else:
         normalize = resolve_normalization(prepared.normalize, image, non_finite_fill(wf))
         if not prepared.normalize.fixed:
             print(f"normalise  resolved: {describe_normalization(normalize)}", file=out, flush=True)
-        check_output_location(wf)
         run_id = create_label_volume(
             wf.output.path,
             shape=plan.image_shape,
             chunks=plan.block_shape,
             dtype=prepared.label_dtype,
-            provenance=_provenance(prepared, normalize),
+            provenance={**_provenance(prepared, normalize), "fingerprints": fingerprints},
             overwrite=wf.output.overwrite,
             reports=reports,
         )
-        spec = InferenceSpec(
-            image=image,
-            model=wf.model,
-            normalize=normalize,
-            plan=plan,
-            output_path=wf.output.path,
-            run_id=run_id,
-            label_dtype=str(prepared.label_dtype),
-            inference=wf.inference,
-            torch_threads=prepared.cluster.torch_threads,
-            fill_value=non_finite_fill(wf),
+    timings["normalization"] = time.perf_counter() - t
+    state.run_id = run_id
+    spec = InferenceSpec(
+        image=image,
+        model=wf.model,
+        normalize=normalize,
+        plan=plan,
+        output_path=wf.output.path,
+        run_id=run_id,
+        label_dtype=str(prepared.label_dtype),
+        inference=wf.inference,
+        torch_threads=conn.shape.torch_threads,
+        fill_value=non_finite_fill(wf),
+    )
+    blocks = [b for b in plan.blocks()]
+    todo = [b.index for b in blocks if b.index not in done]
+    resumed_tiles = sum(len(b.tiles) for b in blocks if b.index in done)
+    state.blocks = counts = BlockCounts(plan.n_blocks, resumed=len(done))
+    progress = Progress(plan.n_blocks, plan.n_tiles, err, resumed_blocks=len(done), resumed_tiles=resumed_tiles)
+    state.status = "running"
+    with ExitStack() as report_stack:
+        if performance_report:
+            from distributed import performance_report as dask_report
+
+            report_stack.enter_context(dask_report(filename=performance_report))
+        try:
+            execution = execute_blocks(conn, spec, todo, counts, progress)
+        finally:
+            state.cluster = {"description": conn.shape.describe(), **_describe(conn)}
+    timings["predict"] = execution.seconds
+    computed_pixels = sum(plan.block(i).write.size for i in todo)
+    state.tiles = plan.n_tiles - resumed_tiles
+    state.megapixels_per_second = round(computed_pixels / execution.seconds / 1e6, 4) if execution.seconds else None
+    summary: dict[str, Any] = {
+        "blocks": plan.n_blocks,
+        "tiles": plan.n_tiles,
+        "seconds": round(execution.seconds, 3),
+        "megapixels_per_second": state.megapixels_per_second,
+        "block_counts": counts.as_dict(),
+        "cluster": state.cluster,
+    }
+    if execution.filled:
+        summary["non_finite_pixels_filled"] = execution.filled
+        print(
+            f"note: {execution.filled} NaN/infinite input pixels were replaced by "
+            f"{wf.input.fill_value:g} (input.non_finite: fill)",
+            file=out,
+            flush=True,
         )
-        compute_seconds, filled = _predict_all(client, spec, prepared, err)
-        summary: dict[str, Any] = {
-            "blocks": plan.n_blocks,
-            "tiles": plan.n_tiles,
-            "seconds": round(compute_seconds, 3),
-            "megapixels_per_second": round(np.prod(plan.image_shape) / compute_seconds / 1e6, 4),
-        }
-        if filled:
-            summary["non_finite_pixels_filled"] = filled
-            print(
-                f"note: {filled} NaN/infinite input pixels were replaced by "
-                f"{wf.input.fill_value:g} (input.non_finite: fill)",
-                file=out,
-                flush=True,
-            )
-        mark_complete(wf.output.path, run_id, summary)
-        print(f"labels     {wf.output.path} (complete)", file=out, flush=True)
-        if wf.evaluation is not None:
-            try:
-                scores = _evaluate(wf, prepared, out)
-            finally:
-                # No report file existed when the volume was created (checked under the lock),
-                # so every one there now is this run's, also when evaluation failed halfway.
-                record_reports(wf.output.path, run_id, [r for r in reports if r.is_file()])
-    total = time.perf_counter() - started
-    print(f"done in {format_seconds(total)}", file=out, flush=True)
-    report_path = str(reports[0]) if scores is not None else None
-    return RunResult(wf.output.path, report_path, scores, total)
+    mark_complete(wf.output.path, run_id, summary)
+    state.status = "complete"
+    print(counts.describe(), file=out, flush=True)
+    print(f"labels     {wf.output.path} (complete)", file=out, flush=True)
+    if performance_report:
+        print(f"dask       performance report {performance_report}", file=out, flush=True)
+    if wf.evaluation is None:
+        return None
+    t = time.perf_counter()
+    try:
+        return _evaluate(wf, prepared, out)
+    finally:
+        timings["evaluate"] = time.perf_counter() - t
+
+
+def _describe(conn: Connection) -> dict[str, Any]:
+    try:
+        return conn.describe()
+    except Exception:  # the cluster is gone (interrupted, lost): keep what the plan knew
+        return {"backend": conn.cfg.kind}
+
+
+def _write_run_json(wf: Workflow, p: Prepared, state: RunState, reports: list[Path]) -> None:
+    """``run.json`` beside the volume, listed (with its hash) in the volume's record.
+
+    No report file existed when the volume was created (checked under the lock), so every
+    one there now is this run's, also when evaluation failed halfway.
+    """
+    assert state.run_id is not None
+    document = run_document(wf, p.model.identity, state.as_dict())
+    write_json(run_json_path(wf), document)
+    try:
+        record_reports(wf.output.path, state.run_id, [r for r in reports if r.is_file()])
+    except PipelineError:
+        pass  # the volume was replaced meanwhile: its record is not ours to change
 
 
 def _evaluate(wf: Workflow, prepared: Prepared, out: TextIO) -> Scores:
@@ -144,74 +303,6 @@ def _evaluate(wf: Workflow, prepared: Prepared, out: TextIO) -> Scores:
     if prepared.model.untrained:
         print(f"note: {UNTRAINED_NOTE}", file=out)
     return scores
-
-
-def _predict_all(client: Any, spec: InferenceSpec, p: Prepared, err: TextIO) -> tuple[float, int]:
-    """Run every block; returns the compute seconds and the count of filled non-finite pixels.
-
-    The spec reaches the workers as the result of a task, not as scattered data: if the
-    worker holding it dies, the scheduler recomputes it elsewhere (or on the restarted
-    worker), and the blocks that worker was running are retried.
-    """
-    plan = p.plan
-    indices = [b.index for b in plan.blocks()]
-    progress = Progress(plan.n_blocks, plan.n_tiles, err)
-    start = time.perf_counter()
-    tag = spec.run_id[:8]
-    shared = client.submit(share_spec, spec, key=f"spec-{tag}", pure=False)
-    futures = client.map(
-        run_block,
-        indices,
-        spec=shared,
-        key=[f"predict-{tag}-{'-'.join(map(str, i))}" for i in indices],
-    )
-    index_of = {f.key: i for f, i in zip(futures, indices)}
-    filled = 0
-    try:
-        for future in as_completed(futures):
-            if future.status != "finished":
-                raise _block_failure(index_of[future.key], plan, _exception_of(future), spec)
-            result = future.result()
-            filled += result.filled
-            progress.update(result.tiles, result.pixels)
-    except BaseException:
-        client.cancel(futures + [shared])
-        raise
-    return time.perf_counter() - start, filled
-
-
-def _exception_of(future: Any) -> BaseException:
-    if future.status == "cancelled":
-        return RuntimeError("the task was cancelled (the cluster lost it)")
-    try:
-        return future.exception()
-    except BaseException as exc:  # a lost future raises instead of returning its error
-        return exc
-
-
-def _block_failure(index: tuple[int, ...], plan: TilePlan, exc: BaseException, spec: InferenceSpec) -> PipelineError:
-    box = plan.block(index).write
-    where = ", ".join(f"{a}:{b}" for a, b in zip(box.offset, box.stop))
-    if isinstance(exc, PipelineError):
-        detail = str(exc)
-    elif isinstance(exc, KilledWorker):
-        detail = (
-            "the worker process running it died each time it was tried (killed by the system, "
-            "e.g. for memory, or crashed in native code)"
-        )
-    else:
-        detail = _one_line(exc)
-    return ExecutionError(
-        f"block {index} (pixels {where}) of {spec.image.path} failed: {detail}; "
-        f"{spec.output_path} is left marked incomplete"
-    )
-
-
-def _one_line(exc: BaseException) -> str:
-    """First and last line of an error (TorchScript and CUDA errors carry long traces)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [""]
-    text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
-    return f"{type(exc).__name__}: {text}"
 
 
 def _provenance(p: Prepared, normalize: NormalizeConfig) -> dict[str, Any]:

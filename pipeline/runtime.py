@@ -69,7 +69,8 @@ def resolve_device(requested: str, worker_index: int | None = None) -> str:
 def prepare_module(module: nn.Module, runtime: Runtime) -> nn.Module:
     module = module.to(runtime.device)
     if runtime.channels_last:
-        module = module.to(memory_format=torch.channels_last)
+        # torch documents Module.to(memory_format=...); its overload stubs omit it.
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return module.eval()
 
 

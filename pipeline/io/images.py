@@ -10,9 +10,11 @@ Internally images are channel-first: ``(C, *spatial)``; a single-channel image h
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -153,7 +155,8 @@ def _open_pillow(spec: ImageSpec) -> _InMemoryArray:
     from PIL import Image
 
     try:
-        with Image.open(spec.path) as img:
+        with Image.open(spec.path) as opened:
+            img: Image.Image = opened
             if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
                 img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
             data = np.asarray(img)
@@ -167,6 +170,7 @@ def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array | _InMemoryArray, object]:
         tif = tifffile.TiffFile(spec.path)
     except Exception as exc:
         raise InputImageError(f"{spec.field}: {spec.path} is not a readable TIFF: {exc}") from None
+    array: zarr.Array | _InMemoryArray
     try:
         series = _choose_series(tif, spec)
         if series.dataoffset is not None and not series.is_multifile:
@@ -248,12 +252,21 @@ def _open_zarr(spec: ImageSpec) -> zarr.Array:
         )
     if isinstance(node, zarr.Array):
         return node
-    multiscales = node.attrs.get("ome", {}).get("multiscales") or node.attrs.get("multiscales")
+    attrs: Mapping[str, Any] = node.attrs  # JSON metadata, read as the OME-Zarr layout says
+    multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
     if multiscales:
-        return node[multiscales[0]["datasets"][0]["path"]]
-    arrays = sorted(name for name, _ in node.arrays())
+        dataset_path = multiscales[0]["datasets"][0]["path"]
+        dataset = node[dataset_path]
+        if not isinstance(dataset, zarr.Array):
+            raise InputImageError(
+                f"{spec.field}: {spec.path}: the multiscale dataset {dataset_path!r} is a group; "
+                f"expected an array"
+            )
+        return dataset
+    members = dict(node.arrays())
+    arrays = sorted(members)
     if len(arrays) == 1:
-        return node[arrays[0]]
+        return members[arrays[0]]
     raise InputImageError(
         f"{spec.field}: {spec.path} is a zarr group with arrays {arrays}; expected one array, "
         f"an OME-Zarr multiscale group, or the path of the array itself (e.g. {spec.path}/{arrays[0] if arrays else '0'})"

@@ -5,9 +5,14 @@ Layout of ``out/slide.zarr``::
     zarr.json          group: ome.multiscales (napari opens it), pipeline.* provenance
     0/zarr.json        uint8/uint16 array, chunks = the tiling's blocks
     0/c/i/j            one chunk per block, written whole by exactly one task
+    blocks/zarr.json   uint8 ledger, one element (and one chunk) per block
+    blocks/c/i/j       written (1) only after block (i, j)'s chunk is written
+
+The ledger is what ``--resume`` trusts: a block is done when its ledger chunk exists, and
+that is written after the block's labels, so a block cut off halfway is computed again.
 
 ``pipeline.status`` is ``"running"`` from creation and becomes ``"complete"`` only after
-every block is written: a crashed run never looks complete. Rewriting a block (Dask
+the ledger records every block: a crashed run never looks complete. Rewriting a block (Dask
 retries a task whose worker died) writes the same bytes to the same whole chunk.
 
 The ``pipeline`` record is signed (:mod:`.ownership`), so ``overwrite: true`` replaces only a
@@ -32,11 +37,12 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..errors import OutputExistsError, OutputIncompleteError, OutputReplacedError
+from ..errors import OutputExistsError, OutputIncompleteError, OutputReplacedError, ResumeRefusedError
 from ..geometry import Box
 from . import ownership
 
 LABEL_ARRAY = "0"
+LEDGER = "blocks"
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
 # zarr's LocalStore writes through "<name>.<uuid hex>.partial" files: an interrupted write leaves one
@@ -75,9 +81,13 @@ def _replaceable_record(path: str, overwrite: bool, reports: Sequence[str | Path
         return None
     if not overwrite:
         status = _status_of(p)
-        what = "a complete label volume" if status == STATUS_COMPLETE else (
-            "an unfinished run's label volume" if status else "a file or folder"
-        )
+        if status == STATUS_RUNNING:
+            raise OutputExistsError(
+                f"output.path: {path} holds an interrupted run's label volume; rerun with "
+                f"--resume to compute only its missing blocks, or set output.overwrite: true to "
+                f"start over"
+            )
+        what = "a complete label volume" if status == STATUS_COMPLETE else "a file or folder"
         raise OutputExistsError(
             f"output.path: {path} already exists ({what}); set output.overwrite: true to "
             f"replace it, or choose another path"
@@ -150,6 +160,13 @@ def create_label_volume(
         dtype=dtype,
         fill_value=0,
         dimension_names=[a["name"] for a in axes],
+    )
+    group.create_array(
+        LEDGER,
+        shape=tuple(-(-n // c) for n, c in zip(shape, chunks)),
+        chunks=(1,) * len(shape),
+        dtype=np.uint8,
+        fill_value=0,
     )
     record = {**provenance, "status": STATUS_RUNNING, "run_id": run_id, "started": _now()}
     group.attrs.update(
@@ -237,15 +254,19 @@ def _chunk_grid(path: Path) -> list[int] | None:
 
 
 def _expected(rel: tuple[str, ...], name: str, is_dir: bool, grid: list[int]) -> bool:
-    """Whether ``rel/name`` belongs to the layout of a volume whose chunk grid is ``grid``."""
-    if rel in ((), (LABEL_ARRAY,)) and not is_dir and _METADATA.fullmatch(name):
+    """Whether ``rel/name`` belongs to the layout of a volume whose chunk grid is ``grid``.
+
+    The label array and the ledger share the grid: one label chunk, one ledger chunk per block.
+    """
+    arrays = (LABEL_ARRAY, LEDGER)
+    if (rel == () or (len(rel) == 1 and rel[0] in arrays)) and not is_dir and _METADATA.fullmatch(name):
         return True
     if rel == ():
-        return is_dir and name == LABEL_ARRAY
-    if rel == (LABEL_ARRAY,):
-        return is_dir and name == "c"
+        return is_dir and name in arrays
+    if len(rel) == 1:
+        return rel[0] in arrays and is_dir and name == "c"
     depth = len(rel) - 2  # index of the chunk-grid axis this entry names
-    if rel[:2] != (LABEL_ARRAY, "c") or depth >= len(grid):
+    if rel[0] not in arrays or rel[1] != "c" or depth >= len(grid):
         return False
     match = _CHUNK_KEY.fullmatch(name)
     if match is None or int(match.group(1)) >= grid[depth]:
@@ -262,7 +283,7 @@ def write_block(path: str, run_id: str, box: Box, labels: np.ndarray) -> None:
     arrays, so a volume recreated under the same path is never written through a stale handle.
     """
     check_run(path, run_id)
-    array = _open_for_write(path, run_id)
+    array = _open_for_write(path, run_id, LABEL_ARRAY)
     check_chunk_aligned(box, tuple(array.shape), tuple(array.chunks))
     if labels.shape != box.shape:
         raise ValueError(f"labels of shape {labels.shape} for box {box}")
@@ -297,8 +318,81 @@ def check_run(path: str, run_id: str) -> dict[str, Any]:
     return dict(info)  # type: ignore[arg-type]
 
 
+def mark_block_done(path: str, run_id: str, index: tuple[int, ...]) -> None:
+    """Record in the ledger that block ``index`` is written (call after :func:`write_block`)."""
+    _open_for_write(path, run_id, LEDGER)[index] = 1
+
+
+def done_blocks(path: str) -> set[tuple[int, ...]]:
+    """The blocks the ledger records as written."""
+    ledger = zarr.open_array(str(Path(path) / LEDGER), mode="r")
+    return {tuple(int(i) for i in idx) for idx in np.argwhere(ledger[...])}
+
+
+def resume_label_volume(
+    path: str, fingerprints: dict[str, Any], reports: Sequence[str | Path] = ()
+) -> tuple[str, set[tuple[int, ...]]]:
+    """Take over an interrupted run's volume: its run id and the blocks already written.
+
+    Refused (:class:`ResumeRefusedError`, naming what changed) unless the volume provably is
+    this pipeline's, is unfinished, and was started with the same ``fingerprints`` (input,
+    model weights, the workflow fields that decide labels, pipeline version, plan).
+    Call under :func:`pipeline.io.locks.output_lock`.
+    """
+    record = _replaceable_record(path, True, reports)
+    if record is None:
+        raise ResumeRefusedError(f"output.path: {path}: there is no interrupted run to resume")
+    if not (Path(path) / LEDGER / "zarr.json").is_file():
+        raise ResumeRefusedError(
+            f"output.path: {path} was written by a pipeline version without a block ledger; "
+            f"set output.overwrite: true to start over"
+        )
+    changed = changed_fingerprints(record.get("fingerprints", {}), fingerprints)
+    if changed:
+        raise ResumeRefusedError(
+            f"output.path: cannot resume {path}: since the interrupted run started "
+            + "; ".join(changed)
+            + "; its blocks would not match: set output.overwrite: true to start over"
+        )
+    return str(record["run_id"]), done_blocks(path)
+
+
+def is_complete(path: str) -> bool:
+    return _status_of(Path(path)) == STATUS_COMPLETE
+
+
+def changed_fingerprints(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """What differs between two fingerprint records, as ``name changed (a -> b)`` phrases."""
+    changes = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if a == b:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += changed_fingerprints(a, b, f"{name}.")
+        else:
+            changes.append(f"{name} changed ({_short(a)} -> {_short(b)})")
+    return changes
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else f"{text[:16]}...{text[-12:]}"
+
+
 def mark_complete(path: str, run_id: str, summary: dict[str, Any]) -> None:
-    """Record the summary and mark the volume ``complete`` (re-signed)."""
+    """Record the summary and mark the volume ``complete`` (re-signed).
+
+    Only when the ledger records every block: a run never reports success with one missing.
+    """
+    grid = _chunk_grid(Path(path)) or []
+    missing = int(np.prod(grid)) - len(done_blocks(path))
+    if missing:
+        raise OutputIncompleteError(
+            f"{path}: {missing} block{'s' * (missing > 1)} not recorded as written; the volume "
+            f"stays incomplete (rerun with --resume)"
+        )
     update_record(path, run_id, {**summary, "status": STATUS_COMPLETE, "finished": _now()})
 
 
@@ -361,8 +455,8 @@ def _status_of(path: Path) -> str | None:
 
 
 @lru_cache(maxsize=8)
-def _open_for_write(path: str, run_id: str) -> zarr.Array:
-    return zarr.open_array(str(Path(path) / LABEL_ARRAY), mode="r+")
+def _open_for_write(path: str, run_id: str, name: str) -> zarr.Array:
+    return zarr.open_array(str(Path(path) / name), mode="r+")
 
 
 def _now() -> str:

@@ -113,7 +113,7 @@ def _read_description(path: str) -> Description:
 def _read_v04(inp: dict, out: dict, path: str) -> dict[str, Any]:
     in_axes, out_axes = str(inp.get("axes", "")), str(out.get("axes", ""))
     _check_axes(in_axes, out_axes, path)
-    shape = inp.get("shape")
+    shape: Any = inp.get("shape")  # YAML; malformed values raise, read_description reports them
     if isinstance(shape, dict):
         mins, steps = list(shape["min"]), list(shape["step"])
     else:
@@ -228,7 +228,7 @@ def _threshold(ops: list[dict], path: str) -> float | None:
     for op in ops:
         name = _op_name(op)
         if name == "binarize":
-            value = (op.get("kwargs") or {}).get("threshold")
+            value: Any = (op.get("kwargs") or {}).get("threshold")
             threshold = float(value) if not isinstance(value, list) else None
             if threshold is None:
                 raise ModelError(f"model.path: {path}: per-channel binarize thresholds are not supported")

@@ -86,6 +86,7 @@ class DilatedContextNet(nn.Module):
                 scale = n / c_out
                 conv.weight.normal_(0.0, noise * scale if c_in != c_out else 0.0)
                 conv.weight[:, :, kh // 2, kw // 2] += scale * same_group
+                assert conv.bias is not None  # every context conv is built with bias=True
                 conv.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

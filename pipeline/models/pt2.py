@@ -157,6 +157,7 @@ def _tensors(reader: Any, kind: str, prefix: str, parameters: bool) -> dict[str,
             out[fqn] = value
             continue
         tm = meta.tensor_meta
+        assert tm is not None  # _build_file_map refused a non-pickled entry without one
         tensor = torch.as_strided(
             raw[meta.path_name],
             deserialize_size(tm.sizes),

@@ -154,11 +154,16 @@ def unet_dependency(
 def unet_geometry(depth: int, padding: Padding) -> NetworkGeometry:
     """Halo, trim, shift period and legal input sizes of a U-Net, from its structure."""
     period = 2**depth
-    legal = [s for s in range(1, 64 * period) if unet_sizes(s, depth, padding) is not None]
+    outs = {
+        s: sizes["out"][0]
+        for s in range(1, 64 * period)
+        if (sizes := unet_sizes(s, depth, padding)) is not None
+    }
+    legal = list(outs)
     size_min, size_step = legal[0], legal[1] - legal[0]
     # Enough output pixels to see every phase of the pooling grid.
-    size = next(s for s in legal if unet_sizes(s, depth, padding)["out"][0] >= period)
-    trim = (size - unet_sizes(size, depth, padding)["out"][0]) // 2
+    size = next(s for s in legal if outs[s] >= period)
+    trim = (size - outs[size]) // 2
     if padding == "valid":
         # Every output pixel of an unpadded net depends only on pixels of its own input,
         # so a tile is exact once its output covers the write box: context = trim.

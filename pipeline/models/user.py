@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import CustomConfig, DeclaredGeometry, ExportConfig, TorchScriptConfig
+from ..config import CustomConfig, ExportConfig, TorchScriptConfig
 from ..errors import ModelError, first_line
 from ..tiling import NetworkGeometry
 from .factories import resolve_factory
@@ -100,12 +100,15 @@ def build_custom(cfg: CustomConfig) -> nn.Module:
 
 
 def declared_geometry(
-    cfg: DeclaredGeometry, module: nn.Module, device: str, file_rule: SizeRule | None = None
+    cfg: TorchScriptConfig | ExportConfig | CustomConfig,
+    module: nn.Module,
+    device: str,
+    file_rule: SizeRule | None = None,
 ) -> NetworkGeometry:
     """Declared halo and period; size rule declared, else from the file, else any size."""
     size_min, size_step, size_max = file_rule or (1, 1, None)
     rule = (cfg.size_min or size_min, cfg.size_step or size_step, cfg.size_max or size_max)
-    label = cfg.path or getattr(cfg, "factory", cfg.arch)
+    label = cfg.path or (cfg.factory if isinstance(cfg, CustomConfig) else cfg.arch)
     trim = probe_trim(module, cfg.in_channels, cfg.num_classes, rule, 2 * cfg.halo + 2 * cfg.shift_period + 1, label, device)
     if trim > cfg.halo:
         raise ModelError(

@@ -1,0 +1,103 @@
+"""``kind: local``: worker processes on this machine (:class:`distributed.LocalCluster`).
+
+Nothing to set up. One worker per core (one Dask thread, torch gets the rest), or one per
+GPU with two threads (one reads and normalises the next block while the other's batch
+runs). Everything listens on the loopback interface only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+from distributed import Client, LocalCluster
+
+from ..config import LocalClusterConfig
+from ..errors import PipelineError
+from .environment import worker_environment
+from .shape import ClusterShape, available_cores, split_cores
+
+LOOPBACK = "127.0.0.1"
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def shape(cfg: LocalClusterConfig, device: str) -> ClusterShape:
+    cores = available_cores()
+    gpus = 0 if device == "cpu" else gpu_count()
+    threads = (2 if gpus else 1) if cfg.threads_per_worker == "auto" else int(cfg.threads_per_worker)
+    if cfg.n_workers != "auto":
+        workers = int(cfg.n_workers)
+    else:
+        workers = gpus if gpus and not device.startswith("cuda:") else max(1, cores // threads)
+    per_worker = 1 if gpus and not device.startswith("cuda:") else 0
+    return ClusterShape("local", workers, threads, split_cores(cores, workers, threads), per_worker)
+
+
+def check(cfg: LocalClusterConfig, device: str, task_bytes: int) -> ClusterShape:
+    """What ``validate`` can know of this machine: workers, threads and memory fit it."""
+    found = shape(cfg, device)
+    cores = available_cores()
+    if cfg.n_workers != "auto" and found.n_workers > cores:
+        raise PipelineError(
+            f"cluster.n_workers: {found.n_workers} worker processes on a machine with {cores} "
+            f"core{'s' * (cores > 1)}; expected at most {cores} (or auto)"
+        )
+    if cfg.threads_per_worker != "auto" and found.threads_per_worker > 4 * cores:
+        raise PipelineError(
+            f"cluster.threads_per_worker: {found.threads_per_worker} threads on {cores} "
+            f"core{'s' * (cores > 1)}; expected at most {4 * cores}"
+        )
+    concurrent = found.n_workers * found.threads_per_worker
+    memory = psutil.virtual_memory().total
+    if concurrent * task_bytes > memory:
+        raise PipelineError(
+            f"tiling.tile: {concurrent} concurrent task{'s' * (concurrent > 1)} of "
+            f"~{task_bytes / 2**30:.1f} GiB each need more than this machine's "
+            f"{memory / 2**30:.1f} GiB; choose a smaller tile or batch size, or fewer workers"
+        )
+    gpus = gpu_count() if device.startswith("cuda") else 0
+    if device.startswith("cuda") and gpus == 0:
+        raise PipelineError(
+            f"inference.device: {device} was requested, but this machine has no CUDA device "
+            f"visible to torch; use auto or cpu"
+        )
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= gpus:
+        raise PipelineError(
+            f"inference.device: {device}, but this machine has {gpus} CUDA "
+            f"device{'s' * (gpus != 1)} (cuda:0 .. cuda:{gpus - 1})"
+        )
+    return found
+
+
+@contextmanager
+def start(cfg: LocalClusterConfig, found: ClusterShape, preload: list[str]) -> Iterator[Client]:
+    """The scheduler's HTTP endpoint takes a random port (two runs never fight over 8787);
+    the dashboard is served only where ``cluster.dashboard`` asks."""
+    env = worker_environment(found.torch_threads, found.n_workers, cfg.environment)
+    if found.gpus_per_worker and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpu_count()))))
+    cluster = LocalCluster(
+        n_workers=found.n_workers,
+        threads_per_worker=found.threads_per_worker,
+        processes=True,
+        host=LOOPBACK,
+        dashboard_address=cfg.dashboard,
+        scheduler_kwargs=None if cfg.dashboard else {"dashboard": False, "dashboard_address": f"{LOOPBACK}:0"},
+        silence_logs=logging.CRITICAL,  # failures reach the user once, summarised by the driver
+        preload=preload,
+        env=env,
+        resources={"GPU": found.threads_per_worker} if found.gpus_per_worker else None,
+    )
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()

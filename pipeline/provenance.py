@@ -1,0 +1,94 @@
+"""What a run records about itself: resume fingerprints and the ``run.json`` document.
+
+Fingerprints are recorded when a volume is created and compared by ``--resume``: a run
+resumes only with the same input, model (weights hash), label-deciding workflow fields,
+plan and pipeline version. ``run.json`` (beside the output, and summarised in the volume's
+attributes) says what ran where, how fast, and what happened to every block. Neither holds
+secrets: the workflow has none (credentials come from the environment), and only the
+cluster's shape and job ids are recorded, never its environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Workflow
+from .io.fingerprints import path_fingerprint
+from .tiling import TilePlan
+
+# Workflow fields that never change a label: where it goes, how it is scheduled, how the
+# result is scored, and how many tiles share a forward pass.
+NOT_LABEL_FIELDS = {"output": None, "evaluation": None, "cluster": None, "inference": {"batch_size"}}
+PACKAGES = ("torch", "numpy", "dask", "distributed", "zarr", "tifffile", "dask-jobqueue", "dask-kubernetes")
+
+
+def label_fields(wf: Workflow) -> dict[str, Any]:
+    """The resolved workflow fields that decide the labels."""
+    dumped = wf.model_dump(mode="json")
+    fields = {}
+    for section, value in dumped.items():
+        dropped = NOT_LABEL_FIELDS.get(section, set())
+        if section in NOT_LABEL_FIELDS and dropped is None:
+            continue
+        fields[section] = {k: v for k, v in value.items() if k not in dropped} if isinstance(value, dict) else value
+    return fields
+
+
+def run_fingerprints(wf: Workflow, model_identity: dict[str, Any], plan: TilePlan) -> dict[str, Any]:
+    return {
+        "pipeline_version": __version__,
+        "input": path_fingerprint(wf.input.path),
+        "model_weights": model_identity.get("weights", {}).get("sha256", "built in"),
+        "workflow": label_fields(wf),
+        "plan": {
+            "image_shape": list(plan.image_shape),
+            "block_shape": list(plan.block_shape),
+            "tile": list(plan.tile),
+            "mirror": plan.mirror,
+        },
+    }
+
+
+def file_sha256(path: str | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    found = {"pipeline": __version__, "python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def run_document(
+    wf: Workflow,
+    model_identity: dict[str, Any],
+    run: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``run.json`` document: ``run`` holds status, cluster, timings and block counts."""
+    return {
+        **run,
+        "output": wf.output.path,
+        "workflow_file": wf.source,
+        "workflow_sha256": file_sha256(None if wf.source == "<memory>" else wf.source),
+        "workflow": wf.model_dump(mode="json"),
+        "model": model_identity,
+        "versions": versions(),
+        "host": platform.node(),
+        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
+    }
