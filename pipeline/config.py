@@ -645,7 +645,8 @@ def format_error(source: object, err: dict[str, Any]) -> str:
         tag, allowed_tags = _TAG_FIELD.get(loc[0] if loc else "", ("arch", sorted(_UNION_TAGS)))
         if kind == "union_tag_not_found":
             return f"{source}: {field}.{tag}: required field is missing ({', '.join(allowed_tags)})"
-        return f"{source}: {field}.{tag}: expected one of {', '.join(allowed_tags)}, got {got.get(tag)!r}"
+        expected = ", ".join(allowed_tags) if loc[:1] == ["cluster"] else err["ctx"]["expected_tags"]
+        return f"{source}: {field}.{tag}: expected one of {expected}, got {got.get(tag)!r}"
     msg = err["msg"]
     for prefix in ("Input should be ", "Value error, "):
         if msg.startswith(prefix):

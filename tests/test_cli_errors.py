@@ -143,7 +143,7 @@ def test_rerun_with_overwrite_replaces_its_own_volume_and_reports(folder, capsys
     path = _write(folder, _with(output__overwrite=True))
     assert main(["run", path]) == 0
     first = zarr.open_group(str(folder / "out" / "labels.zarr"), mode="r").attrs["pipeline"]
-    assert set(first["reports"]) == {"labels.evaluation.json", "labels.evaluation.csv", "labels.confusion.png", "labels.preview.png"}
+    assert set(first["reports"]) == {"labels.evaluation.json", "labels.evaluation.csv", "labels.confusion.png", "labels.preview.png", "labels.run.json"}
     assert main(["run", path]) == 0
     second = zarr.open_group(str(folder / "out" / "labels.zarr"), mode="r").attrs["pipeline"]
     assert second["run_id"] != first["run_id"] and second["status"] == "complete"

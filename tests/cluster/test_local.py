@@ -1,4 +1,5 @@
-"""The local cluster as users run it: loopback only, worker loss survived, Ctrl-C summarised."""
+"""The local cluster as users run it: loopback only, worker loss survived, Ctrl-C summarised,
+workers started with the backend's environment."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import yaml
 import zarr
 
 from pipeline.cluster import check_cluster, connect
-from pipeline.config import ClusterConfig
+from pipeline.config import LocalClusterConfig
 from pipeline.errors import PipelineError
 from tests.helpers import REPO, BoxFilterNet, FailOnBright, box_filter_reference
 
@@ -26,7 +27,8 @@ PIPELINE = str(Path(sys.executable).parent / "pipeline")
 
 
 def test_scheduler_workers_and_http_listen_on_loopback_only() -> None:
-    with connect(ClusterConfig(n_workers=2, threads_per_worker=1)) as client:
+    with connect(LocalClusterConfig(n_workers=2, threads_per_worker=1)) as conn:
+        client = conn.client
         me = psutil.Process()
         listening = [
             (p.pid, c.laddr.ip)
@@ -42,7 +44,9 @@ def test_scheduler_workers_and_http_listen_on_loopback_only() -> None:
 def test_the_dashboard_is_served_only_where_asked() -> None:
     import urllib.request
 
-    with connect(ClusterConfig(n_workers=1, dashboard="127.0.0.1:0")) as client:
+    with connect(LocalClusterConfig(n_workers=1, dashboard="127.0.0.1:0")) as conn:
+        client = conn.client
+        assert conn.dashboard == client.dashboard_link
         me = psutil.Process()
         listening = {c.laddr.ip for p in [me, *me.children(recursive=True)] for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
         assert listening == {"127.0.0.1"}
@@ -67,20 +71,20 @@ def test_pipeline_run_with_a_dashboard(tmp_path, capsys) -> None:
 def test_a_dashboard_without_bokeh_is_a_validate_error(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "bokeh", None)  # what an environment without bokeh sees
     with pytest.raises(PipelineError, match="cluster.dashboard: the Dask dashboard needs the bokeh package"):
-        check_cluster(ClusterConfig(n_workers=1, dashboard="127.0.0.1:8787"), "cpu", 1 << 20)
+        check_cluster(LocalClusterConfig(n_workers=1, dashboard="127.0.0.1:8787"), "cpu", 1 << 20)
 
 
 def test_validate_knows_the_machine() -> None:
     cores = len(os.sched_getaffinity(0))
     with pytest.raises(PipelineError, match=f"cluster.n_workers: {cores + 1} worker processes on a machine with {cores} core"):
-        check_cluster(ClusterConfig(n_workers=cores + 1), "cpu", 1 << 20)
+        check_cluster(LocalClusterConfig(n_workers=cores + 1), "cpu", 1 << 20)
     with pytest.raises(PipelineError, match="tiling.tile: .* need more than this machine's"):
-        check_cluster(ClusterConfig(n_workers=1, threads_per_worker=1), "cpu", 1 << 50)
+        check_cluster(LocalClusterConfig(n_workers=1, threads_per_worker=1), "cpu", 1 << 50)
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(PipelineError, match="inference.device: cuda was requested, but this machine has no CUDA device"):
-            check_cluster(ClusterConfig(n_workers=1), "cuda", 1 << 20)
+            check_cluster(LocalClusterConfig(n_workers=1), "cuda", 1 << 20)
 
 
 def _workflow(tmp_path: Path, model: dict, overwrite: bool = False) -> tuple[str, np.ndarray]:
@@ -129,7 +133,7 @@ def test_a_block_whose_worker_always_dies_fails_in_one_line(tmp_path) -> None:
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "the worker process running it died each time it was tried" in errors[0]
-    assert "left marked incomplete" in errors[0]
+    assert "keeps its finished blocks: after the fix, rerun with --resume" in errors[0]
     group = zarr.open_group(str(tmp_path / "out" / "labels.zarr"), mode="r")
     assert group.attrs["pipeline"]["status"] == "running"
 
@@ -168,7 +172,7 @@ def test_ctrl_c_prints_one_message_not_worker_tracebacks(tmp_path) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert err.strip().splitlines()[-1].startswith("interrupted: ")
+    assert err.strip().splitlines()[-1].startswith("interrupted (SIGINT): ")
     assert len(err.strip().splitlines()) <= 5, err
     group = zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r")
     assert group.attrs["pipeline"]["status"] == "running"
@@ -214,3 +218,28 @@ def test_a_failing_block_is_one_summarised_line_without_worker_logs(tmp_path) ->
     assert [line for line in lines if not line.startswith("blocks ")] == [lines[-1]], proc.stderr
     assert lines[-1].startswith("error: block (1, 0) (pixels 50:100, 0:50)") and "corrupt tile" in lines[-1]
     assert "Traceback" not in proc.stderr and "Compute Failed" not in proc.stderr
+
+
+def _worker_view() -> tuple[str | None, int, str | None, str | None]:
+    return (
+        os.environ.get("CUDA_VISIBLE_DEVICES"),
+        torch.get_num_threads(),
+        os.environ.get("OMP_NUM_THREADS"),
+        os.environ.get("GLIBC_TUNABLES"),
+    )
+
+
+def test_workers_start_with_the_environment_and_one_gpu_each() -> None:
+    """Two workers on a node that shows two GPUs: each narrows to its own before CUDA starts;
+    thread counts and allocator settings are in their environment from the start."""
+    tunables = "glibc.malloc.mmap_threshold=4294967295"
+    cfg = LocalClusterConfig(
+        n_workers=2, threads_per_worker=1, environment={"CUDA_VISIBLE_DEVICES": "0,1", "GLIBC_TUNABLES": tunables}
+    )
+    with connect(cfg, "cpu") as conn:
+        seen = conn.client.run(_worker_view)
+        names = {a: w["name"] for a, w in conn.client.scheduler_info()["workers"].items()}
+    by_name = {names[a]: view for a, view in seen.items()}
+    assert by_name[0][0] == "0" and by_name[1][0] == "1"
+    torch_threads = conn.shape.torch_threads
+    assert all(v[1] == torch_threads and v[2] == str(torch_threads) and v[3] == tunables for v in seen.values())
