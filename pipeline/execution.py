@@ -104,10 +104,10 @@ def execute_blocks(
                 filled += result.filled
                 progress.update(result.tiles, result.pixels)
     except BaseException:
+        counts.retried = _retried_blocks(client, keys, cfg.retries)  # before the tasks are forgotten
         client.cancel(futures + [shared], force=True)
         raise
-    finally:
-        counts.retried = _retried_blocks(client, keys, cfg.retries)
+    counts.retried = _retried_blocks(client, keys, cfg.retries)
     return Execution(time.perf_counter() - start, filled)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -143,4 +144,36 @@ class KillWorkerOnce(BoxFilterNet):
         if kills < self.times:
             marker.write_text("x" * (kills + 1))
             os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)
+
+
+class SlowBoxFilter(BoxFilterNet):
+    """A box filter that takes ``seconds`` per forward pass on a Dask worker and logs each.
+
+    ``log`` gets one line per forward pass of a tile run on a worker: an independent count
+    of the blocks a run computed (the loader's probe pass, on zeros, is not counted). While the file ``broken_if`` exists, a tile holding a pixel
+    >= 250 fails with the same error on every try (a block that fails deterministically).
+    """
+
+    def __init__(
+        self, radius: int, weight: list, seconds: float = 0.0, log: str | None = None, broken_if: str | None = None
+    ) -> None:
+        super().__init__(radius, np.asarray(weight))
+        self.seconds, self.log, self.broken_if = seconds, log, broken_if
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            from distributed import get_worker
+
+            get_worker()
+        except ValueError:
+            return super().forward(x)
+        if self.broken_if and Path(self.broken_if).exists() and bool((x >= 250).any()):
+            raise RuntimeError("corrupt tile: a pixel of 250 or more")
+        if not bool(x.any()):
+            return super().forward(x)
+        time.sleep(self.seconds)
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write(f"{os.getpid()}\n")
         return super().forward(x)

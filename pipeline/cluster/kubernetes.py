@@ -17,7 +17,7 @@ from typing import Any
 from distributed import Client
 
 from ..config import KubernetesClusterConfig
-from ..errors import PipelineError
+from ..errors import PipelineError, first_line
 from .environment import worker_environment
 from .shape import ClusterShape, split_cores
 
@@ -83,12 +83,22 @@ def cluster_spec(cfg: KubernetesClusterConfig, found: ClusterShape, preload: lis
 @contextmanager
 def start(cfg: KubernetesClusterConfig, found: ClusterShape, preload: list[str]) -> Iterator[Client]:
     operator = _operator()
-    cluster = operator.KubeCluster(
-        custom_cluster_spec=cluster_spec(cfg, found, preload),
-        namespace=cfg.namespace,
-        shutdown_on_close=True,
-        quiet=True,
-    )
+    try:
+        cluster = operator.KubeCluster(
+            custom_cluster_spec=cluster_spec(cfg, found, preload),
+            namespace=cfg.namespace,
+            shutdown_on_close=True,
+            quiet=True,
+        )
+    except Exception as exc:  # kr8s / the operator: no credentials, no CRD, no permission
+        # dask-kubernetes would try (and fail, with a traceback) to delete it again at exit
+        getattr(operator.KubeCluster, "_instances", set()).clear()
+        raise PipelineError(
+            f"cluster: cannot create DaskCluster {cfg.name} in namespace "
+            f"{cfg.namespace or '(current)'}: {type(exc).__name__}: {first_line(exc)}; "
+            f"kind: kubernetes needs access to a Kubernetes cluster (a kubeconfig, or a "
+            f"service account in a pod) where the Dask operator is installed"
+        ) from None
     try:
         with Client(cluster) as client:
             yield client

@@ -350,7 +350,7 @@ def resume_label_volume(
     changed = changed_fingerprints(record.get("fingerprints", {}), fingerprints)
     if changed:
         raise ResumeRefusedError(
-            f"output.path: cannot resume {path}: since the interrupted run started "
+            f"output.path: cannot resume {path}: since the interrupted run started, "
             + "; ".join(changed)
             + "; its blocks would not match: set output.overwrite: true to start over"
         )
