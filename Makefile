@@ -17,7 +17,11 @@ demo: $(STAMP)
 	$(BIN)/pipeline demo-data workflows/demo-data
 	$(BIN)/pipeline run workflows/demo.yaml
 
+# The house rules first (import contracts in .importlinter, types in mypy.ini), then the tests.
+# The SLURM tests install and start a one-node SLURM cluster themselves (cluster/ci/slurm-up.sh).
 test: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 # Not part of the test suite: side-by-side measurements, written to docs/benchmarks.md.

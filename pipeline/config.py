@@ -8,6 +8,7 @@ against the workflow file's folder; URLs (``scheme://``) are left as they are.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -166,8 +167,7 @@ class NormalizeConfig(Section):
     @field_validator("std")
     @classmethod
     def _positive(cls, v: float | tuple[float, ...] | None) -> float | tuple[float, ...] | None:
-        values = v if isinstance(v, tuple) else (v,)
-        if v is not None and any(s <= 0 for s in values):
+        if v is not None and any(s <= 0 for s in (v if isinstance(v, tuple) else (v,))):
             raise ValueError("positive standard deviations")
         return v
 
@@ -227,7 +227,7 @@ class DeclaredGeometry(ModelBase):
     where it says (a torch.export program's dynamic shapes), else ``1, 1, unbounded``.
     """
 
-    halo: Annotated[int, PlainValidator(_declared_halo)]  # type: ignore[assignment]
+    halo: Annotated[int, PlainValidator(_declared_halo)]
     shift_period: int = Field(default=1, ge=1, description="total stride of pooling layers")
     size_min: int | None = Field(default=None, ge=1, description="legal sizes: min + n * step")
     size_step: int | None = Field(default=None, ge=1)
@@ -238,14 +238,14 @@ class TorchScriptConfig(DeclaredGeometry):
     """A TorchScript file (``torch.jit.save``)."""
 
     arch: Literal["torchscript"]
-    path: PathStr  # type: ignore[assignment]
+    path: PathStr
 
 
 class ExportConfig(DeclaredGeometry):
     """A ``torch.export`` program (``.pt2``); export with dynamic height and width."""
 
     arch: Literal["export"]
-    path: PathStr  # type: ignore[assignment]
+    path: PathStr
 
 
 class CustomConfig(DeclaredGeometry):
@@ -265,7 +265,7 @@ class BioimageioConfig(ModelBase):
     """
 
     arch: Literal["bioimageio"]
-    path: PathStr  # type: ignore[assignment]
+    path: PathStr
     weights: Literal["auto", "torchscript", "pytorch_state_dict"] = "auto"
     shift_period: int | None = Field(default=None, ge=1)
     threshold: FiniteFloat = Field(default=0.5, description="for models with one output channel")
@@ -621,7 +621,7 @@ _UNION_TAGS = set(_union_members()["model"])
 _TAG_FIELD = {"model": ("arch", sorted(_UNION_TAGS)), "cluster": ("kind", list(CLUSTER_KINDS))}
 
 
-def format_error(source: object, err: dict[str, Any]) -> str:
+def format_error(source: object, err: Mapping[str, Any]) -> str:
     """One pydantic error as ``file: field.path: expected X, got Y``."""
     loc = [str(p) for p in err["loc"]]
     # Drop the discriminated union's tag and union-member names from the path.
@@ -646,7 +646,8 @@ def format_error(source: object, err: dict[str, Any]) -> str:
         if kind == "union_tag_not_found":
             return f"{source}: {field}.{tag}: required field is missing ({', '.join(allowed_tags)})"
         expected = ", ".join(allowed_tags) if loc[:1] == ["cluster"] else err["ctx"]["expected_tags"]
-        return f"{source}: {field}.{tag}: expected one of {expected}, got {got.get(tag)!r}"
+        found = got.get(tag) if isinstance(got, dict) else got
+        return f"{source}: {field}.{tag}: expected one of {expected}, got {found!r}"
     msg = err["msg"]
     for prefix in ("Input should be ", "Value error, "):
         if msg.startswith(prefix):

@@ -157,7 +157,7 @@ def _exception_of(future: Any) -> BaseException:
     if future.status == "cancelled":
         return RuntimeError("the task was cancelled (the cluster lost it)")
     try:
-        return future.exception()  # type: ignore[no-any-return]
+        return future.exception()
     except BaseException as exc:  # a lost future raises instead of returning its error
         return exc
 

@@ -77,7 +77,7 @@ def evaluation_spec(cfg: EvaluationConfig, num_classes: int) -> EvaluationSpec:
     classes = cfg.classes or []
     encoding = LabelEncoding(
         kind=cfg.encoding,
-        palette=tuple(c.colour for c in classes) if cfg.encoding == "palette" else (),
+        palette=tuple(c.colour for c in classes if c.colour is not None) if cfg.encoding == "palette" else (),
         ignore_colours=tuple(cfg.ignore_colours),
     )
     return EvaluationSpec(

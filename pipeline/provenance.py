@@ -33,9 +33,9 @@ def label_fields(wf: Workflow) -> dict[str, Any]:
     dumped = wf.model_dump(mode="json")
     fields = {}
     for section, value in dumped.items():
-        dropped = NOT_LABEL_FIELDS.get(section, set())
-        if section in NOT_LABEL_FIELDS and dropped is None:
+        if section in NOT_LABEL_FIELDS and NOT_LABEL_FIELDS[section] is None:
             continue
+        dropped = NOT_LABEL_FIELDS.get(section) or set()
         fields[section] = {k: v for k, v in value.items() if k not in dropped} if isinstance(value, dict) else value
     return fields
 

@@ -29,6 +29,7 @@ from tests.helpers import REPO, BoxFilterNet, box_filter_reference
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 WEIGHT = [[1], [-1]]
+MEAN = 100  # model.normalize: class 1 where the box mean is below it, class 0 above
 SHAPE, TILE = (160, 160), 32
 BLOCKS = (SHAPE[0] // TILE) * (SHAPE[1] // TILE)
 
@@ -40,7 +41,8 @@ def _image() -> np.ndarray:
 
 
 def _reference() -> np.ndarray:
-    return box_filter_reference(_image()[None], 2, np.array(WEIGHT), "reflect").argmax(0)
+    centred = _image()[None].astype(np.int64) - MEAN  # normalised as the workflow says: both signs
+    return box_filter_reference(centred, 2, np.array(WEIGHT), "reflect").argmax(0)
 
 
 def _workflow(tmp_path: Path, seconds: float = 0.0, **changes: object) -> str:
@@ -50,6 +52,7 @@ def _workflow(tmp_path: Path, seconds: float = 0.0, **changes: object) -> str:
         "input": {"path": "img.tif"},
         "model": {
             "arch": "custom", "factory": "tests.helpers:SlowBoxFilter", "num_classes": 2, "halo": 2,
+            "normalize": {"mean": MEAN, "std": 1},
             "kwargs": {"radius": 2, "weight": WEIGHT, "seconds": seconds, "log": str(tmp_path / "forward.log"),
                        "broken_if": str(tmp_path / "broken")},
         },
@@ -216,7 +219,7 @@ def test_resume_is_refused_when_the_weights_or_the_input_changed(tmp_path) -> No
     tifffile.imwrite(tmp_path / "img.tif", _image(), tile=(32, 32))
     doc = {
         "input": {"path": "img.tif"},
-        "model": {"arch": "torchscript", "path": "box.pt", "num_classes": 2, "halo": 2},
+        "model": {"arch": "torchscript", "path": "box.pt", "num_classes": 2, "halo": 2, "normalize": {"mean": MEAN, "std": 1}},
         "tiling": {"tile": TILE},
         "output": {"path": "out/labels.zarr"},
         "cluster": {"n_workers": 1, "threads_per_worker": 1},

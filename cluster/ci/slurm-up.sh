@@ -149,7 +149,7 @@ EOF
 # Concurrent runs as root (two fixtures at once) take turns from here on.
 if is_root && command -v flock >/dev/null 2>&1; then
     exec 9>/run/slurm-up.lock
-    flock 9
+    flock -w 300 9 || die "another slurm-up.sh holds /run/slurm-up.lock for 5 minutes"
 fi
 
 conf_changed=0
@@ -190,7 +190,7 @@ if [ ! -s /etc/munge/munge.key ]; then
 fi
 if ! running munged "$MUNGE_PID"; then
     rm -f "$MUNGE_PID" /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
-    runuser -u munge -- /usr/sbin/munged >/dev/null 2>&1 || die "munged failed to start"
+    runuser -u munge -- /usr/sbin/munged >/dev/null 2>&1 9>&- || die "munged failed to start"
 fi
 i=0
 until munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; do
@@ -213,12 +213,12 @@ if [ "$conf_changed" -eq 1 ]; then
     done
 fi
 if ! running slurmctld "$CTLD_PID"; then
-    /usr/sbin/slurmctld >>"$LOG_DIR/slurmctld.out" 2>&1 || die "slurmctld failed to start"
+    /usr/sbin/slurmctld >>"$LOG_DIR/slurmctld.out" 2>&1 9>&- || die "slurmctld failed to start"
 fi
 slurmd_started=0
 if ! running slurmd "$SLURMD_PID"; then
     slurmd_started=$(($(date +%s) - 1))
-    /usr/sbin/slurmd >>"$LOG_DIR/slurmd.out" 2>&1 || die "slurmd failed to start"
+    /usr/sbin/slurmd >>"$LOG_DIR/slurmd.out" 2>&1 9>&- || die "slurmd failed to start"
 fi
 
 # ---------------------------------------------------------------- wait for the node

@@ -42,14 +42,16 @@ def backend(cfg: ClusterConfig) -> Any:
 
 
 def cluster_shape(cfg: ClusterConfig, device: str = "auto") -> ClusterShape:
-    return backend(cfg).shape(cfg, device)  # type: ignore[no-any-return]
+    shape: ClusterShape = backend(cfg).shape(cfg, device)
+    return shape
 
 
 def check_cluster(cfg: ClusterConfig, device: str, task_bytes: int) -> ClusterShape:
     """What ``validate`` can know: the cluster fits its machines and its extras are installed."""
     if getattr(cfg, "dashboard", None):
         _check_bokeh()
-    return backend(cfg).check(cfg, device, task_bytes)  # type: ignore[no-any-return]
+    shape: ClusterShape = backend(cfg).check(cfg, device, task_bytes)
+    return shape
 
 
 def _check_bokeh() -> None:

@@ -420,7 +420,10 @@ def open_label_volume(path: str, require_complete: bool = True) -> zarr.Array:
         raise OutputIncompleteError(
             f"{path}: label volume is incomplete (status {status!r}): its run did not finish"
         )
-    return zarr.open_group(path, mode="r")[LABEL_ARRAY]
+    array = zarr.open_group(path, mode="r")[LABEL_ARRAY]
+    if not isinstance(array, zarr.Array):
+        raise OutputIncompleteError(f"{path}: {LABEL_ARRAY} is not an array; not a label volume of this pipeline")
+    return array
 
 
 def is_label_volume(path: str) -> bool:
