@@ -8,8 +8,8 @@ against the workflow file's folder; URLs (``scheme://``) are left as they are.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
 from dask.utils import parse_timedelta
 from distributed import KilledWorker, as_completed

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -25,6 +26,8 @@ from .tiling import TilePlan
 # Workflow fields that never change a label: where it goes, how it is scheduled, how the
 # result is scored, and how many tiles share a forward pass.
 NOT_LABEL_FIELDS = {"output": None, "evaluation": None, "cluster": None, "inference": {"batch_size"}}
+SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSW|CREDENTIAL|AUTH|PRIVATE|(^|_)KEY($|_)|ACCESS_KEY", re.IGNORECASE)
+REDACTED = "<redacted>"
 PACKAGES = ("torch", "numpy", "dask", "distributed", "zarr", "tifffile", "dask-jobqueue", "dask-kubernetes")
 
 
@@ -38,6 +41,29 @@ def label_fields(wf: Workflow) -> dict[str, Any]:
         dropped = NOT_LABEL_FIELDS.get(section) or set()
         fields[section] = {k: v for k, v in value.items() if k not in dropped} if isinstance(value, dict) else value
     return fields
+
+
+def public_workflow(wf: Workflow) -> dict[str, Any]:
+    """The resolved workflow as recorded (run.json, the volume's attributes), minus secrets.
+
+    ``cluster.environment`` values and ``cluster.prologue`` assignments whose names look like
+    credentials (``*_SECRET*``, ``*TOKEN*``, ``*PASSWORD*``, ``*_KEY``, ...) are redacted.
+    """
+    dumped = wf.model_dump(mode="json")
+    cluster = dumped.get("cluster", {})
+    env = cluster.get("environment")
+    if isinstance(env, dict):
+        cluster["environment"] = {k: REDACTED if SECRET_NAME.search(k) else v for k, v in env.items()}
+    if isinstance(cluster.get("prologue"), list):
+        cluster["prologue"] = [_redact_line(line) for line in cluster["prologue"]]
+    return dumped
+
+
+def _redact_line(line: str) -> str:
+    def hide(match: re.Match[str]) -> str:
+        return f"{match.group(1)}={REDACTED}" if SECRET_NAME.search(match.group(1)) else match.group(0)
+
+    return re.sub(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)", hide, line)
 
 
 def run_fingerprints(wf: Workflow, model_identity: dict[str, Any], plan: TilePlan) -> dict[str, Any]:
@@ -86,7 +112,7 @@ def run_document(
         "output": wf.output.path,
         "workflow_file": wf.source,
         "workflow_sha256": file_sha256(None if wf.source == "<memory>" else wf.source),
-        "workflow": wf.model_dump(mode="json"),
+        "workflow": public_workflow(wf),
         "model": model_identity,
         "versions": versions(),
         "host": platform.node(),

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-
 from . import __version__
 from .cluster import Connection, connect
 from .config import NormalizeConfig, Workflow
@@ -51,7 +50,7 @@ from .planning import (
     truth_spec,
 )
 from .progress import Progress, format_seconds
-from .provenance import run_document, run_fingerprints
+from .provenance import public_workflow, run_document, run_fingerprints
 from .report import UNTRAINED_NOTE, format_table, write_json
 from .scorecard import ReportFiles, evaluate_and_report
 
@@ -311,7 +310,7 @@ def _provenance(p: Prepared, normalize: NormalizeConfig) -> dict[str, Any]:
         "normalization": normalize.model_dump(mode="json"),
         "version": __version__,
         "workflow_file": p.workflow.source,
-        "workflow": p.workflow.model_dump(mode="json"),
+        "workflow": public_workflow(p.workflow),
         "model": p.model.identity,
         "plan": {
             "tile": list(plan.tile),

@@ -37,7 +37,12 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..errors import OutputExistsError, OutputIncompleteError, OutputReplacedError, ResumeRefusedError
+from ..errors import (
+    OutputExistsError,
+    OutputIncompleteError,
+    OutputReplacedError,
+    ResumeRefusedError,
+)
 from ..geometry import Box
 from . import ownership
 

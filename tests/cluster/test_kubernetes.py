@@ -9,6 +9,7 @@ field must be one the schema names.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,30 @@ def test_kubernetes_without_the_extra_is_a_clear_error(monkeypatch) -> None:
 
     with pytest.raises(PipelineError, match=r"cluster.kind: kubernetes needs dask-kubernetes \(pip install 'gigaseg-pipeline\[kubernetes\]'\)"):
         check_cluster(_cfg(image="img"), "cpu", 1 << 20)
+
+
+def test_pipeline_run_without_a_reachable_kubernetes_is_one_clear_error(tmp_path) -> None:
+    """What users run: no kubeconfig, no service account -> one line, exit 2, no volume."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "img.tif", np.zeros((64, 64), np.uint8))
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump({
+        "input": {"path": "img.tif"},
+        "model": {"arch": "unet", "num_classes": 2, "width": 4, "depth": 2},
+        "output": {"path": "out/labels.zarr"},
+        "cluster": {"kind": "kubernetes", "image": "ghcr.io/x/gigaseg:1"},
+    }))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    env |= {"KUBECONFIG": str(tmp_path / "no-kubeconfig"), "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "pipeline"), "run", str(tmp_path / "wf.yaml")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: cluster: cannot create DaskCluster gigaseg in namespace (current)")
+    assert "needs access to a Kubernetes cluster" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out" / "labels.zarr").exists()

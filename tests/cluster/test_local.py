@@ -124,6 +124,11 @@ def test_the_run_survives_sigkill_of_its_only_worker(tmp_path) -> None:
     assert group.attrs["pipeline"]["status"] == "complete"
     np.testing.assert_array_equal(group["0"][:], expected)
     assert "Traceback" not in proc.stderr
+    import json
+
+    run = json.loads((tmp_path / "out" / "labels.run.json").read_text())
+    assert run["blocks"]["retried"] >= 1 and run["blocks"]["computed"] == run["blocks"]["total"]
+    assert "retried" in proc.stdout and "0 retried" not in proc.stdout
 
 
 def test_a_block_whose_worker_always_dies_fails_in_one_line(tmp_path) -> None:
