@@ -440,6 +440,9 @@ class JobqueueClusterConfig(ClusterBase):
     """Workers as batch jobs through dask-jobqueue; each field names the jobqueue one it sets."""
 
     kind: Literal["slurm", "pbs", "lsf", "sge"]
+    worker_timeout: Duration = Field(
+        default="1h", description="how long the run waits with no worker (queued jobs count as none)"
+    )
     queue: str | None = Field(default=None, description="queue / SLURM partition (queue)")
     account: str | None = Field(default=None, description="account / project charged (account, project)")
     cores: int = Field(default=1, ge=1, description="cores per job (job_cpu, ncpus, resource_spec)")
@@ -482,6 +485,9 @@ class KubernetesClusterConfig(ClusterBase):
     """A DaskCluster resource created through the Dask Kubernetes operator (pip extra ``kubernetes``)."""
 
     kind: Literal["kubernetes"]
+    worker_timeout: Duration = Field(
+        default="30m", description="how long the run waits with no worker (pods pending count as none)"
+    )
     name: str = Field(default="gigaseg", pattern=r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
     namespace: str | None = Field(default=None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     image: str = Field(description="worker and scheduler image with this pipeline installed")

@@ -233,6 +233,7 @@ def _run_connected(
         "megapixels_per_second": state.megapixels_per_second,
         "block_counts": counts.as_dict(),
         "cluster": state.cluster,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     if execution.filled:
         summary["non_finite_pixels_filled"] = execution.filled

@@ -151,15 +151,22 @@ class SlowBoxFilter(BoxFilterNet):
     """A box filter that takes ``seconds`` per forward pass on a Dask worker and logs each.
 
     ``log`` gets one line per forward pass of a tile run on a worker: an independent count
-    of the blocks a run computed (the loader's probe pass, on zeros, is not counted). While the file ``broken_if`` exists, a tile holding a pixel
-    >= 250 fails with the same error on every try (a block that fails deterministically).
+    of the blocks a run computed (the loader's probe pass, on zeros, is not counted). While the file ``broken_if`` exists, a tile holding a (normalised)
+    value >= ``broken_above`` fails with the same error on every try (a block that fails
+    deterministically).
     """
 
     def __init__(
-        self, radius: int, weight: list, seconds: float = 0.0, log: str | None = None, broken_if: str | None = None
+        self,
+        radius: int,
+        weight: list,
+        seconds: float = 0.0,
+        log: str | None = None,
+        broken_if: str | None = None,
+        broken_above: float = 250.0,
     ) -> None:
         super().__init__(radius, np.asarray(weight))
-        self.seconds, self.log, self.broken_if = seconds, log, broken_if
+        self.seconds, self.log, self.broken_if, self.broken_above = seconds, log, broken_if, broken_above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -168,8 +175,8 @@ class SlowBoxFilter(BoxFilterNet):
             get_worker()
         except ValueError:
             return super().forward(x)
-        if self.broken_if and Path(self.broken_if).exists() and bool((x >= 250).any()):
-            raise RuntimeError("corrupt tile: a pixel of 250 or more")
+        if self.broken_if and Path(self.broken_if).exists() and bool((x >= self.broken_above).any()):
+            raise RuntimeError(f"corrupt tile: a value of {self.broken_above:g} or more")
         if not bool(x.any()):
             return super().forward(x)
         time.sleep(self.seconds)

@@ -54,7 +54,7 @@ def _workflow(tmp_path: Path, seconds: float = 0.0, **changes: object) -> str:
             "arch": "custom", "factory": "tests.helpers:SlowBoxFilter", "num_classes": 2, "halo": 2,
             "normalize": {"mean": MEAN, "std": 1},
             "kwargs": {"radius": 2, "weight": WEIGHT, "seconds": seconds, "log": str(tmp_path / "forward.log"),
-                       "broken_if": str(tmp_path / "broken")},
+                       "broken_if": str(tmp_path / "broken"), "broken_above": 255 - MEAN},
         },
         "tiling": {"tile": TILE},
         "output": {"path": "out/labels.zarr"},

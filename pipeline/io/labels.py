@@ -391,6 +391,7 @@ def mark_complete(path: str, run_id: str, summary: dict[str, Any]) -> None:
 
     Only when the ledger records every block: a run never reports success with one missing.
     """
+    check_run(path, run_id)
     grid = _chunk_grid(Path(path)) or []
     missing = int(np.prod(grid)) - len(done_blocks(path))
     if missing:

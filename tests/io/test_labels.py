@@ -7,7 +7,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import OutputExistsError, OutputIncompleteError, OutputReplacedError
+from pipeline.errors import OutputExistsError, OutputIncompleteError, OutputReplacedError, ResumeRefusedError
 from pipeline.geometry import Box
 from pipeline.io import ownership
 from pipeline.io.labels import (
@@ -19,7 +19,11 @@ from pipeline.io.labels import (
     label_dtype,
     mark_complete,
     open_label_volume,
+    changed_fingerprints,
+    done_blocks,
+    mark_block_done,
     record_reports,
+    resume_label_volume,
     write_block,
 )
 
@@ -43,6 +47,12 @@ def test_volume_is_incomplete_until_marked(tmp_path) -> None:
     with pytest.raises(OutputIncompleteError, match="incomplete"):
         open_label_volume(path)
     write_block(path, run_id, Box((64, 64), (36, 6)), np.full((36, 6), 3, np.uint8))
+    mark_block_done(path, run_id, (1, 1))
+    with pytest.raises(OutputIncompleteError, match="3 blocks not recorded as written; the volume stays incomplete"):
+        mark_complete(path, run_id, {"blocks": 4})  # never complete with a block missing
+    assert done_blocks(path) == {(1, 1)}
+    for index in ((0, 0), (0, 1), (1, 0)):
+        mark_block_done(path, run_id, index)
     mark_complete(path, run_id, {"blocks": 4})
     labels = open_label_volume(path)
     assert labels.shape == (100, 70) and labels.chunks == (64, 64) and labels.dtype == np.uint8
@@ -53,7 +63,7 @@ def test_volume_is_incomplete_until_marked(tmp_path) -> None:
 def test_existing_output_is_never_touched_without_overwrite(tmp_path) -> None:
     path = str(tmp_path / "out.zarr")
     create_label_volume(path, (8, 8), (8, 8), np.dtype(np.uint8), {}, False)
-    with pytest.raises(OutputExistsError, match="already exists .*overwrite: true"):
+    with pytest.raises(OutputExistsError, match="holds an interrupted run's label volume; rerun with --resume .*overwrite: true"):
         create_label_volume(path, (8, 8), (8, 8), np.dtype(np.uint8), {}, False)
     create_label_volume(path, (9, 9), (8, 8), np.dtype(np.uint8), {}, True)
     assert zarr.open_group(path, mode="r")["0"].shape == (9, 9)
@@ -179,7 +189,7 @@ def test_report_files_follow_the_volume_rule(tmp_path) -> None:
     run_id = _volume(path, reports=[report])
     report.write_text('{"ours": true}')
     record_reports(str(path), run_id, [report])
-    with pytest.raises(OutputExistsError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="holds an interrupted run"):
         check_output_free(str(path), False, [report])
     check_output_free(str(path), True, [report])  # ours, unchanged: replaceable
     report.write_text('{"edited": "by hand"}')
@@ -219,3 +229,44 @@ def test_deleting_keeps_a_file_that_appeared_after_the_check(tmp_path) -> None:
         delete_label_volume(str(path))
     assert (path / "0" / "c" / "late.txt").read_text() == "keep me"
     assert not (path / "0" / "c" / "0" / "0").exists() and not (path / "zarr.json").exists()
+
+
+FINGERPRINTS = {"pipeline_version": "0.1.0", "input": "sha256:aa", "model_weights": "bb",
+                "workflow": {"tiling": {"tile": 64, "mirror": "reflect"}}, "plan": {"block_shape": [64, 64]}}  # fmt: skip
+
+
+def test_resume_takes_over_the_run_and_its_finished_blocks(tmp_path) -> None:
+    path = str(tmp_path / "out.zarr")
+    run_id = create_label_volume(path, (100, 70), (64, 64), np.dtype(np.uint8), {"fingerprints": FINGERPRINTS}, False)
+    write_block(path, run_id, Box((0, 0), (64, 64)), np.ones((64, 64), np.uint8))
+    mark_block_done(path, run_id, (0, 0))
+    write_block(path, run_id, Box((64, 0), (36, 64)), np.ones((36, 64), np.uint8))  # cut off before its mark
+    assert resume_label_volume(path, FINGERPRINTS) == (run_id, {(0, 0)})  # the unmarked block is redone
+    changed = {**FINGERPRINTS, "workflow": {"tiling": {"tile": 32, "mirror": "reflect"}}, "input": "sha256:cc"}
+    with pytest.raises(ResumeRefusedError, match=r"input changed \(sha256:aa -> sha256:cc\); workflow.tiling.tile changed \(64 -> 32\)"):
+        resume_label_volume(path, changed)
+    assert changed_fingerprints(FINGERPRINTS, FINGERPRINTS) == []
+
+
+def test_resume_refuses_volumes_it_cannot_prove_are_its_own(tmp_path) -> None:
+    with pytest.raises(ResumeRefusedError, match="there is no interrupted run to resume"):
+        resume_label_volume(str(tmp_path / "none.zarr"), FINGERPRINTS)
+    path = tmp_path / "out.zarr"
+    _volume(path)
+    info = json.loads((path / "zarr.json").read_text())
+    info["attributes"]["pipeline"]["fingerprints"] = FINGERPRINTS  # forged: the signature no longer holds
+    (path / "zarr.json").write_text(json.dumps(info))
+    with pytest.raises(OutputExistsError, match="not a label volume this pipeline can prove it wrote"):
+        resume_label_volume(str(path), FINGERPRINTS)
+
+
+def test_the_ledger_is_part_of_the_layout(tmp_path) -> None:
+    path = tmp_path / "out.zarr"
+    run_id = _volume(path, shape=(16, 8), chunks=(8, 8))
+    mark_block_done(str(path), run_id, (1, 0))
+    assert (path / "blocks" / "c" / "1" / "0").is_file() and foreign_entries(path) == []
+    (path / "blocks" / "c" / "2").mkdir()  # outside the 2 x 1 block grid
+    assert foreign_entries(path) == [str(path / "blocks" / "c" / "2")]
+    (path / "blocks" / "c" / "2").rmdir()
+    delete_label_volume(str(path))
+    assert not path.exists()
