@@ -26,7 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)  # one line per problem
         return exc.exit_code
     except RunInterrupted as exc:
-        return exc.exit_code  # the runner said what stays and how to resume
+        if not exc.reported:  # stopped before anything was written
+            print(f"interrupted ({exc.signal_name}) before the run started", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: any output being written is left marked incomplete", file=sys.stderr)
         return 130

@@ -500,7 +500,7 @@ class KubernetesClusterConfig(ClusterBase):
 def _cluster_kind(value: object) -> str:
     if isinstance(value, dict):
         kind = value.get("kind", "local")
-        return _CLUSTER_TAGS.get(kind, str(kind))
+        return _CLUSTER_TAGS.get(kind, str(kind)) if isinstance(kind, str) else repr(kind)
     return _CLUSTER_TAGS.get(getattr(value, "kind", "local"), "")
 
 

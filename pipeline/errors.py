@@ -83,6 +83,11 @@ class RunInterrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+        self.reported = False  # the runner said what stays and how to resume
+
+    @property
+    def signal_name(self) -> str:
+        return {2: "SIGINT", 15: "SIGTERM"}.get(self.signum, f"signal {self.signum}")
 
     @property
     def exit_code(self) -> int:

@@ -10,7 +10,6 @@ cluster's shape and job ids are recorded, never its environment.
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import re
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 from . import __version__
 from .config import Workflow
 from .io.fingerprints import path_fingerprint
+from .io.ownership import file_digest
 from .tiling import TilePlan
 
 # Workflow fields that never change a label: where it goes, how it is scheduled, how the
@@ -81,16 +81,6 @@ def run_fingerprints(wf: Workflow, model_identity: dict[str, Any], plan: TilePla
     }
 
 
-def file_sha256(path: str | None) -> str | None:
-    if path is None or not Path(path).is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def versions() -> dict[str, str]:
     found = {"pipeline": __version__, "python": platform.python_version()}
     for name in PACKAGES:
@@ -111,7 +101,7 @@ def run_document(
         **run,
         "output": wf.output.path,
         "workflow_file": wf.source,
-        "workflow_sha256": file_sha256(None if wf.source == "<memory>" else wf.source),
+        "workflow_sha256": None if wf.source == "<memory>" else file_digest(wf.source),
         "workflow": public_workflow(wf),
         "model": model_identity,
         "versions": versions(),

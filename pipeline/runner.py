@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from . import __version__
 from .cluster import Connection, connect
 from .config import NormalizeConfig, Workflow
-from .errors import PipelineError, RunInterrupted
+from .errors import PipelineError, ResumeRefusedError, RunInterrupted
 from .evaluation import LabelPair
 from .execution import BlockCounts, execute_blocks
 from .inference import InferenceSpec, measure_batch_size
@@ -119,7 +119,9 @@ def run(
             scores = _run_connected(wf, prepared, conn, state, reports, resume, performance_report, out, err)
         except (KeyboardInterrupt, RunInterrupted) as exc:
             state.status = "interrupted"
-            signal_name = "SIGTERM" if isinstance(exc, RunInterrupted) and exc.signum == 15 else "SIGINT"
+            signal_name = exc.signal_name if isinstance(exc, RunInterrupted) else "SIGINT"
+            if isinstance(exc, RunInterrupted):
+                exc.reported = True
             print(
                 f"interrupted ({signal_name}): the run's tasks were cancelled and the cluster "
                 f"stopped; {wf.output.path} keeps its written blocks: rerun with --resume to "
@@ -172,7 +174,14 @@ def _run_connected(
     done: set[tuple[int, ...]] = set()
     t = time.perf_counter()
     if resume and is_label_volume(wf.output.path):
-        run_id, done = resume_label_volume(wf.output.path, fingerprints, reports)
+        try:
+            run_id, done = resume_label_volume(wf.output.path, fingerprints, reports)
+        except ResumeRefusedError as exc:
+            if not wf.output.overwrite:
+                raise
+            raise ResumeRefusedError(
+                str(exc).replace("set output.overwrite: true to start over", "run without --resume to start over")
+            ) from None
         normalize = NormalizeConfig.model_validate(check_run(wf.output.path, run_id)["normalization"], strict=False)
         print(
             f"resume     {len(done)} of {plan.n_blocks} blocks were written by the interrupted "

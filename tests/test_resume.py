@@ -207,6 +207,8 @@ def test_resume_is_refused_when_a_label_deciding_field_changed(tmp_path) -> None
         assert proc.returncode == 2, proc.stderr
         assert f"cannot resume {tmp_path / 'out' / 'labels.zarr'}: since the interrupted run started, " in proc.stderr
         assert named in proc.stderr and "set output.overwrite: true to start over" in proc.stderr
+    proc = _run("run", _workflow(tmp_path, tiling__mirror="symmetric", output__overwrite=True), "--resume")
+    assert proc.returncode == 2 and "run without --resume to start over" in proc.stderr, proc.stderr
     np.testing.assert_array_equal(_labels(tmp_path), before)  # nothing was written
     # what only decides where and how fast it runs does not block a resume
     proc = _run("run", _workflow(tmp_path, cluster__n_workers=1, cluster__retries=0), "--resume")
