@@ -139,6 +139,7 @@ def run(
             if state.run_id is not None:
                 _write_run_json(wf, prepared, state, reports)
     total = time.perf_counter() - started
+    print(f"run        {run_json_path(wf)}", file=out)
     print(f"done in {format_seconds(total)}", file=out, flush=True)
     report_path = str(ReportFiles.beside(wf.output.path).json) if scores is not None else None
     return RunResult(wf.output.path, report_path, scores, total, state.blocks)

@@ -30,7 +30,8 @@ def where(cfg: AddressClusterConfig) -> str:
 
 def shape(cfg: AddressClusterConfig, device: str) -> ClusterShape:
     """Before connecting nothing is known of the workers; :func:`found_shape` tells after."""
-    return ClusterShape("address", cfg.wait_for_workers, 1, None, details=(f"scheduler {where(cfg)}",))
+    details = (f"scheduler {where(cfg)}", f"waits for {cfg.wait_for_workers}")
+    return ClusterShape("address", cfg.wait_for_workers, 1, None, details=details, known=False)
 
 
 def check(cfg: AddressClusterConfig, device: str, task_bytes: int) -> ClusterShape:

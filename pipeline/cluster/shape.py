@@ -16,8 +16,11 @@ class ClusterShape:
     torch_threads: int | None  # None: the workers' own environment decides (kind: address)
     gpus_per_worker: int = 0
     details: tuple[str, ...] = field(default=())
+    known: bool = True  # False: workers someone else starts, seen only once connected
 
     def describe(self) -> str:
+        if not self.known:
+            return ", ".join((f"{self.kind}: workers as the scheduler reports them", *self.details))
         def plural(n: int, word: str, suffix: str = "s") -> str:
             return f"{n} {word}{suffix if n != 1 else ''}"
 
