@@ -165,7 +165,10 @@ def _run_connected(
         print(f"dashboard  {conn.dashboard}", file=out, flush=True)
     plan = prepared.plan
     if wf.inference.batch_size == "auto":
-        batch = client.submit(measure_batch_size, wf.model, wf.inference, plan.read_shape, pure=False).result()
+        batch = client.submit(
+            measure_batch_size, wf.model, wf.inference, plan.read_shape, pure=False,
+            resources={"GPU": 1} if conn.gpu_tasks else None,  # measured where blocks will run
+        ).result()  # fmt: skip
         prepared = replace(prepared, plan=make_plan(wf, prepared.image, prepared.model, batch))
         plan = prepared.plan
         print(f"batch      {batch} tiles per forward pass (from free device memory)", file=out, flush=True)

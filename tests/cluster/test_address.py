@@ -50,6 +50,10 @@ def _env() -> dict[str, str]:
 @pytest.fixture
 def scheduler(tmp_path) -> Iterator[tuple[Path, list[subprocess.Popen]]]:
     """A ``dask scheduler`` and two ``dask worker`` processes, as a user starts them."""
+    yield from _cluster(tmp_path, [[], []])
+
+
+def _cluster(tmp_path: Path, extra_args: list[list[str]]) -> Iterator[tuple[Path, list[subprocess.Popen]]]:
     file = tmp_path / "scheduler.json"
     procs = [subprocess.Popen(
         [str(BIN / "dask"), "scheduler", "--scheduler-file", str(file), "--host", "127.0.0.1", "--port", "0",
@@ -59,10 +63,10 @@ def scheduler(tmp_path) -> Iterator[tuple[Path, list[subprocess.Popen]]]:
     while not (file.exists() and file.stat().st_size):
         assert time.monotonic() < deadline, "dask scheduler did not start"
         time.sleep(0.2)
-    for slot in range(2):
+    for slot, extra in enumerate(extra_args):
         procs.append(subprocess.Popen(
             [str(BIN / "dask"), "worker", "--scheduler-file", str(file), "--nthreads", "1", "--no-dashboard",
-             "--name", f"node-{slot}", "--preload", "pipeline.worker_preload"],
+             "--name", f"node-{slot}", "--preload", "pipeline.worker_preload", *extra],
             env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))  # fmt: skip
     yield file, procs
@@ -130,3 +134,29 @@ def test_a_missing_scheduler_file_is_a_validate_error(tmp_path) -> None:
     proc = subprocess.run([str(BIN / "pipeline"), "validate", str(wf)], capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2
     assert f"cluster.scheduler_file: {tmp_path / 'nowhere.json'} does not exist" in proc.stderr
+
+
+@pytest.fixture
+def mixed(tmp_path) -> Iterator[tuple[Path, list[subprocess.Popen]]]:
+    """One worker that declares the GPU resource and one that does not."""
+    yield from _cluster(tmp_path, [["--resources", "GPU=1"], []])
+
+
+def test_block_tasks_that_need_a_gpu_run_only_on_gpu_workers(tmp_path, mixed) -> None:
+    """No GPU is needed to see the routing: the GPU-declaring worker runs every block (on
+    its CPU here), the other none; the network logs the process of each forward pass."""
+    _, procs = mixed
+    wf = _workflow(tmp_path, {"kind": "address", "scheduler_file": "scheduler.json", "wait_for_workers": 2})
+    doc = yaml.safe_load(wf.read_text())
+    doc["model"]["kwargs"]["log"] = str(tmp_path / "forward.log")
+    wf.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run([str(BIN / "pipeline"), "run", str(wf)], capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    pids = (tmp_path / "forward.log").read_text().split()
+    assert len(pids) == 12
+    import psutil
+
+    gpu_worker = {str(p.pid) for p in psutil.Process(procs[1].pid).children(recursive=True)} | {str(procs[1].pid)}
+    assert set(pids) <= gpu_worker
+    run = json.loads((tmp_path / "out" / "labels.run.json").read_text())
+    assert run["cluster"]["gpu_workers"] == 1 and run["cluster"]["workers"] == 2
