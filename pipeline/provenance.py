@@ -101,7 +101,7 @@ def run_document(
         **run,
         "output": wf.output.path,
         "workflow_file": wf.source,
-        "workflow_sha256": None if wf.source == "<memory>" else file_digest(wf.source),
+        "workflow_sha256": file_digest(wf.source) if Path(wf.source).is_file() else None,  # None: in memory
         "workflow": public_workflow(wf),
         "model": model_identity,
         "versions": versions(),
