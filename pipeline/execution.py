@@ -96,6 +96,11 @@ def execute_blocks(
                 time.sleep(POLL_SECONDS)
                 continue
             for future in batch:
+                if future.status in ("lost", "pending"):
+                    # It finished, then its worker died holding the result (a job cancelled
+                    # or pre-empted): the scheduler computes it again since we hold it.
+                    pending.add(future)
+                    continue
                 if future.status != "finished":
                     counts.failed += 1
                     raise block_failure(index_of[future.key], plan, _exception_of(future), spec)
