@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -18,7 +19,7 @@ from typing import Any, TextIO
 from . import __version__
 from .cluster import Connection, connect
 from .config import NormalizeConfig, Workflow
-from .errors import PipelineError, ResumeRefusedError, RunInterrupted
+from .errors import ExecutionError, PipelineError, ResumeRefusedError, RunInterrupted
 from .evaluation import LabelPair
 from .execution import BlockCounts, execute_blocks
 from .inference import InferenceSpec, measure_batch_size
@@ -113,6 +114,7 @@ def run(
     scores = None
     reports = report_files(wf)
     with ExitStack() as stack:
+        stack.enter_context(_named_in(wf))
         stack.enter_context(output_lock(wf.output.path))
         conn = stack.enter_context(connect(wf.cluster, wf.inference.device))
         try:
@@ -143,6 +145,18 @@ def run(
     print(f"done in {format_seconds(total)}", file=out, flush=True)
     report_path = str(ReportFiles.beside(wf.output.path).json) if scores is not None else None
     return RunResult(wf.output.path, report_path, scores, total, state.blocks)
+
+
+@contextmanager
+def _named_in(wf: Workflow) -> Iterator[None]:
+    """User errors raised once the run started (cluster, resume) name the workflow file too,
+    as ``prepare``'s do; a failed block (ExecutionError) already names its image."""
+    try:
+        yield
+    except PipelineError as exc:
+        if isinstance(exc, ExecutionError) or str(exc).startswith(f"{wf.source}: "):
+            raise
+        raise type(exc)(f"{wf.source}: {exc}") from None
 
 
 def _run_connected(

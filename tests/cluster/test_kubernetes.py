@@ -157,6 +157,6 @@ def test_pipeline_run_without_a_reachable_kubernetes_is_one_clear_error(tmp_path
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: cluster: cannot create DaskCluster gigaseg in namespace (current)")
+    assert proc.stderr.startswith(f"error: {tmp_path / 'wf.yaml'}: cluster: cannot create DaskCluster gigaseg in namespace (current)")
     assert "needs access to a Kubernetes cluster" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out" / "labels.zarr").exists()

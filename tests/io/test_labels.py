@@ -7,21 +7,26 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import OutputExistsError, OutputIncompleteError, OutputReplacedError, ResumeRefusedError
+from pipeline.errors import (
+    OutputExistsError,
+    OutputIncompleteError,
+    OutputReplacedError,
+    ResumeRefusedError,
+)
 from pipeline.geometry import Box
 from pipeline.io import ownership
 from pipeline.io.labels import (
+    changed_fingerprints,
     check_chunk_aligned,
     check_output_free,
     create_label_volume,
     delete_label_volume,
+    done_blocks,
     foreign_entries,
     label_dtype,
+    mark_block_done,
     mark_complete,
     open_label_volume,
-    changed_fingerprints,
-    done_blocks,
-    mark_block_done,
     record_reports,
     resume_label_volume,
     write_block,
