@@ -7,6 +7,7 @@ against the workflow file's folder; URLs (``scheme://``) are left as they are.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -69,6 +70,21 @@ def _path(value: object) -> str:
     raise ValueError("a file path or URL (a non-empty string)")
 
 
+def _storage_options(value: object) -> dict[str, Any]:
+    """fsspec storage options: a mapping of option names to JSON values (kept as given)."""
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            pass
+        else:
+            return value
+    raise ValueError(
+        "a mapping of fsspec storage options, e.g. {endpoint_url: 'https://s3.example.org', "
+        "anon: true} (see README, 'Object stores')"
+    )
+
+
 def _declared_halo(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
@@ -125,6 +141,8 @@ _TupleAsList = PlainSerializer(lambda v: list(v) if isinstance(v, tuple) else v,
 FloatOrList = Annotated[float | tuple[float, ...], PlainValidator(_float_or_list), _TupleAsList]
 FiniteFloat = Annotated[float, PlainValidator(_finite)]
 PathStr = Annotated[str, PlainValidator(_path)]
+StorageOptions = Annotated[dict[str, Any], PlainValidator(_storage_options)]
+_STORAGE_DOC = "fsspec options for this section's paths, over the top-level storage_options"
 
 
 class Section(BaseModel):
@@ -146,6 +164,7 @@ class InputConfig(Section):
         default="error", description="NaN/infinite pixels of a float image: an error, or filled"
     )
     fill_value: FiniteFloat = Field(default=0.0, description="what non_finite: fill puts in their place")
+    storage_options: StorageOptions = Field(default_factory=dict, description=_STORAGE_DOC)
 
 
 class NormalizeConfig(Section):
@@ -195,6 +214,7 @@ class ModelBase(Section):
     in_channels: int = Field(default=1, ge=1)
     halo: _int_or_auto(0) = "auto"  # type: ignore[valid-type]
     normalize: NormalizeConfig = NormalizeConfig()
+    storage_options: StorageOptions = Field(default_factory=dict, description=_STORAGE_DOC)
 
 
 class UNetConfig(ModelBase):
@@ -307,6 +327,14 @@ class InferenceConfig(Section):
 class OutputConfig(Section):
     path: PathStr
     overwrite: bool = False
+    storage_options: StorageOptions = Field(default_factory=dict, description=_STORAGE_DOC)
+    chunk: int | None = Field(
+        default=None, ge=16, description="chunk edge of the label array (divides the block); null: one chunk per block"
+    )
+    shard: bool = Field(
+        default=False,
+        description="zarr 3 sharding: each block's chunks in one object (one PUT per block)",
+    )
 
 
 class ClassConfig(Section):
@@ -318,6 +346,7 @@ class EvaluationConfig(Section):
     """Ground truth and how to compare with it (see pipeline/metrics.py for definitions)."""
 
     ground_truth: PathStr
+    storage_options: StorageOptions = Field(default_factory=dict, description=_STORAGE_DOC)
     ignore_index: int | None = Field(default=None, ge=0)
     ignore_mask: PathStr | None = Field(default=None, description="label image; nonzero = not counted")
     encoding: Literal["indices", "binary", "palette"] = "indices"
@@ -525,6 +554,9 @@ class Workflow(Section):
     output: OutputConfig
     evaluation: EvaluationConfig | None = None
     cluster: ClusterConfig = LocalClusterConfig()
+    storage_options: StorageOptions = Field(
+        default_factory=dict, description="fsspec options for every URL (endpoint_url, anon, profile, ...)"
+    )
     _source: str = PrivateAttr(default="<memory>")
 
     @property

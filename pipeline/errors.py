@@ -48,6 +48,10 @@ class OutputIncompleteError(PipelineError):
     """An output volume was opened for reading but its run never finished."""
 
 
+class StorageError(PipelineError):
+    """A file or object store cannot be reached, read or written (credentials, bucket, key, network)."""
+
+
 class EvaluationError(PipelineError):
     """Ground truth and prediction cannot be compared (shape, class ids)."""
 

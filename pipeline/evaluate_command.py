@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import dask
 import yaml
@@ -11,6 +10,7 @@ import yaml
 from .config import EvaluationConfig, format_error
 from .errors import EvaluationError, OutputExistsError, PipelineError
 from .evaluation import LabelPair, pair_paths
+from .io import fs
 from .io.images import ImageSpec, as_dask_array
 from .io.labels import is_label_volume, open_label_volume
 from .io.locations import check_not_an_input, check_writable
@@ -67,7 +67,7 @@ def _config(args: argparse.Namespace) -> EvaluationConfig:
     }
     if args.classes:
         try:
-            raw["classes"] = yaml.safe_load(Path(args.classes).read_bytes().decode("utf-8"))
+            raw["classes"] = yaml.safe_load(fs.read_bytes(args.classes).decode("utf-8"))
         except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
             raise PipelineError(f"--classes: cannot read {args.classes}: {exc}") from None
     try:
@@ -113,15 +113,16 @@ def _check_report_paths(files: ReportFiles, pairs: list[LabelPair], args: argpar
         if path is None:
             continue
         check_not_an_input(str(path), flag, inputs)
-        if (path.exists() or path.is_symlink()) and not args.overwrite:
-            raise OutputExistsError(f"{flag}: {path} already exists; pass --overwrite to replace it")
-        if path.is_dir():
-            raise OutputExistsError(f"{flag}: {path} is a folder; expected a file name")
-        check_writable(str(path), flag)
+        with fs.storage_errors(flag, path):
+            if fs.exists(path) and not args.overwrite:
+                raise OutputExistsError(f"{flag}: {fs.redact(path)} already exists; pass --overwrite to replace it")
+            if fs.is_dir(path):
+                raise OutputExistsError(f"{flag}: {fs.redact(path)} is a folder; expected a file name")
+        check_writable(path, flag)
 
 
-def _path(value: str | None) -> Path | None:
-    return Path(value) if value else None
+def _path(value: str | None) -> str | None:
+    return value or None
 
 
 __all__ = ["evaluate_command"]

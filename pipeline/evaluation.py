@@ -13,9 +13,9 @@ glob's fixed prefix) without the suffix: ``pred/a/x.tif`` pairs with ``truth/a/x
 
 from __future__ import annotations
 
-import glob as globlib
+import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import PurePosixPath
 
 import dask
 import dask.array as da
@@ -23,11 +23,14 @@ import numpy as np
 
 from .encodings import EncodingError, LabelEncoding, decode
 from .errors import EvaluationError
+from .io import fs
+from .io.fs import storage_errors
 from .io.images import PILLOW_SUFFIXES, TIFF_SUFFIXES, ImageSpec, as_dask_array
 from .io.labels import is_label_volume, open_label_volume
 from .metrics import AbsentPolicy, ClassIdError, confusion_matrix
 
 IMAGE_SUFFIXES = TIFF_SUFFIXES + PILLOW_SUFFIXES + (".zarr",)
+ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup")
 
 
 @dataclass(frozen=True)
@@ -252,7 +255,7 @@ def pair_paths(
 
     return [
         LabelPair(
-            name or Path(sides["ground truth"][name]).name,
+            name or fs.name(sides["ground truth"][name]),
             spec("prediction", name),
             spec("ground truth", name),
             spec("ignore mask", name) if ignore_mask is not None else None,
@@ -262,34 +265,55 @@ def pair_paths(
 
 
 def _listing(pattern: str, side: str) -> dict[str, str]:
-    """``{key: path}`` of the label images a path, folder or glob names."""
-    path = Path(pattern)
-    if any(ch in pattern for ch in "*?["):
-        base = Path(pattern.split("*")[0].split("?")[0].split("[")[0])
-        base = base if pattern.endswith("/") or base.is_dir() else base.parent
-        files = [Path(p) for p in sorted(globlib.glob(pattern, recursive=True))]
-    elif path.is_dir() and not _is_zarr(path):
-        base = path
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not _inside_zarr(p, path))
-    elif path.exists():
-        return {path.stem: str(path)}
-    else:
-        raise EvaluationError(f"{side}: not found: {pattern}")
-    files = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    """``{key: path}`` of the label images a path, folder or glob names (local or in a store)."""
+    with storage_errors(side, pattern):
+        if any(ch in pattern for ch in "*?["):
+            prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+            base = prefix.rstrip("/") if prefix.endswith("/") or fs.is_dir(prefix) else fs.parent(prefix)
+            files = fs.glob(pattern)
+        elif fs.is_dir(pattern) and not _is_zarr(pattern):
+            base = pattern
+            files = _images_under(pattern)
+        elif fs.exists(pattern):
+            return {fs.stem(pattern): pattern}
+        else:
+            raise EvaluationError(f"{side}: not found: {fs.redact(pattern)}")
+    files = [p for p in files if fs.suffix(p).lower() in IMAGE_SUFFIXES]
     if not files:
-        raise EvaluationError(f"{side}: no label images in {pattern}")
+        raise EvaluationError(f"{side}: no label images in {fs.redact(pattern)}")
     listing: dict[str, str] = {}
     for p in files:
-        key = str(p.relative_to(base).with_suffix(""))
+        rel = PurePosixPath(_relative(p, base))
+        key = str(rel.with_suffix(""))
         if key in listing:
-            raise EvaluationError(f"{side}: {listing[key]} and {p} have the same name; keep one")
-        listing[key] = str(p)
+            raise EvaluationError(f"{side}: {fs.redact(listing[key])} and {fs.redact(p)} have the same name; keep one")
+        listing[key] = p
     return listing
 
 
-def _is_zarr(path: Path) -> bool:
-    return (path / "zarr.json").is_file() or (path / ".zarray").is_file() or (path / ".zgroup").is_file()
+def _relative(path: str, base: str) -> str:
+    path, base = path.replace("\\", "/"), base.replace("\\", "/").rstrip("/")
+    return path[len(base) + 1 :] if path.startswith(base + "/") else fs.name(path)
 
 
-def _inside_zarr(p: Path, root: Path) -> bool:
-    return any(_is_zarr(parent) for parent in p.parents if parent != root and root in parent.parents)
+def _images_under(root: str) -> list[str]:
+    """Image files under ``root``, and zarr folders (not the files inside them)."""
+    keys = [_relative(f, root) for f in fs.files_under(root)]
+    zarr_roots = set()
+    for key in keys:
+        parts = key.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder.lower().endswith(".zarr") or parts[depth] in ZARR_METADATA and depth == len(parts) - 1:
+                zarr_roots.add(folder)
+                break
+    found = set()
+    for key in keys:
+        parts = key.split("/")
+        inside = next(("/".join(parts[:d]) for d in range(1, len(parts)) if "/".join(parts[:d]) in zarr_roots), None)
+        found.add(inside if inside is not None else key)
+    return sorted(fs.join(root, *key.split("/")) for key in found)
+
+
+def _is_zarr(path: str) -> bool:
+    return any(fs.is_file(fs.join(path, name)) for name in ZARR_METADATA)

@@ -8,7 +8,7 @@ look at what happened, not only read numbers.
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -28,8 +28,8 @@ def class_colours(num_classes: int, palette: tuple[tuple[int, int, int], ...] = 
     return np.array((DEFAULT_COLOURS * reps)[:num_classes], dtype=np.uint8)
 
 
-def confusion_heatmap(cm: np.ndarray, names: list[str], path: str | Path, title: str = "") -> None:
-    """Row-normalised confusion matrix (recall per true class), with counts, as a PNG."""
+def confusion_heatmap(cm: np.ndarray, names: list[str], title: str = "") -> bytes:
+    """Row-normalised confusion matrix (recall per true class), with counts, as PNG bytes."""
     k = cm.shape[0]
     cell, font = max(48, min(96, 640 // max(k, 1))), _font(13)
     margin_left = 24 + max(_text_width(font, n) for n in names)
@@ -55,7 +55,7 @@ def confusion_heatmap(cm: np.ndarray, names: list[str], path: str | Path, title:
         draw.text((margin_left + i * cell + 4, margin_top - 20), name[: max(3, cell // 8)], fill="black", font=font)
     draw.text((8, 8), title, fill="black", font=font)
     draw.text((8, 28), "cells: share of the true class's pixels, and their count", fill=(90, 90, 90), font=_font(11))
-    img.save(path)
+    return _png(img)
 
 
 def overlay_preview(
@@ -63,10 +63,9 @@ def overlay_preview(
     truth: np.ndarray,
     pred: np.ndarray,
     colours: np.ndarray,
-    path: str | Path,
     ignored: np.ndarray | None = None,
-) -> None:
-    """Three panels: image + truth, image + prediction, errors. ``image`` is (C, h, w)."""
+) -> bytes:
+    """Three panels: image + truth, image + prediction, errors, as PNG bytes. ``image`` is (C, h, w)."""
     base = _display(image)
     alpha = 0.45
     panels = []
@@ -89,7 +88,13 @@ def overlay_preview(
     for n, (panel, label) in enumerate(zip(panels, ("ground truth", "prediction", "errors (red)"))):
         canvas.paste(Image.fromarray(np.clip(panel, 0, 255).astype(np.uint8)), (n * (w + gap), head))
         draw.text((n * (w + gap) + 4, 4), label, fill="black", font=font)
-    canvas.save(path)
+    return _png(canvas)
+
+
+def _png(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _display(image: np.ndarray) -> np.ndarray:

@@ -12,7 +12,6 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -22,6 +21,7 @@ from torch import nn
 from .config import InferenceConfig, ModelConfig, NormalizeConfig
 from .errors import NonFiniteOutputError
 from .geometry import Box
+from .io import fs
 from .io.images import ImageSpec, open_image
 from .io.labels import mark_block_done, write_block
 from .mirror import read_mirrored
@@ -64,6 +64,7 @@ def share_spec(spec: InferenceSpec) -> InferenceSpec:
 def run_block(index: tuple[int, ...], spec: InferenceSpec) -> BlockResult:
     """The Dask task for one output block. Idempotent: a rerun writes the same chunk."""
     start = time.perf_counter()
+    fs.use_rules(spec.image.storage)  # the driver's storage options, for the image, model and output
     block = spec.plan.block(index)
     runtime = Runtime.from_config(spec.inference, worker_index())
     module = cached_module(spec.model, runtime, spec.torch_threads)
@@ -192,8 +193,8 @@ _MODULES: dict[tuple, nn.Module] = {}
 
 def cached_module(cfg: ModelConfig, runtime: Runtime, torch_threads: int | None) -> nn.Module:
     """Load the model once per worker process (threads share it; eval mode, no grad)."""
-    mtime = Path(cfg.path).stat().st_mtime if cfg.path else None
-    key = (cfg.model_dump_json(), runtime, mtime)
+    version = fs.version_token(cfg.path) if cfg.path else None
+    key = (cfg.model_dump_json(), runtime, version)
     with _MODEL_LOCK:
         if key not in _MODULES:
             if torch_threads:

@@ -8,7 +8,6 @@ person reads it (``pipeline plan``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,10 +17,11 @@ from .config import DeclaredGeometry, EvaluationConfig, NormalizeConfig, Workflo
 from .encodings import LabelEncoding
 from .errors import EvaluationError, PipelineError
 from .evaluation import EvaluationSpec
+from .io import fs
 from .io.images import ImageReader, ImageSpec, open_image
 from .io.labels import check_output_free, is_label_volume, label_dtype
 from .io.locations import check_not_an_input, check_writable
-from .io.locks import check_unlocked
+from .io.locks import check_unlocked, store_lock_path
 from .models.loading import LoadedModel, check_declared_halo, load_model, needs_halo_probe
 from .models.probe import probe_size
 from .probe_samples import probe_samples
@@ -91,12 +91,33 @@ def evaluation_spec(cfg: EvaluationConfig, num_classes: int) -> EvaluationSpec:
     )
 
 
+def storage_rules(wf: Workflow) -> fs.StorageRules:
+    """Storage options of every path the workflow names: the top-level default, then each section's."""
+    out = wf.output.storage_options
+    per_path: dict[str, dict[str, Any] | None] = {
+        wf.input.path: wf.input.storage_options,
+        wf.output.path: out,
+        **{report: out for report in report_files(wf)},
+        store_lock_path(wf.output.path): out,
+    }
+    if wf.model.path is not None:
+        per_path[wf.model.path] = wf.model.storage_options
+    ev = wf.evaluation
+    if ev is not None:
+        per_path[ev.ground_truth] = ev.storage_options
+        if ev.ignore_mask is not None:
+            per_path[ev.ignore_mask] = ev.storage_options
+    return fs.StorageRules.build(wf.storage_options, per_path)
+
+
 def prepare(wf: Workflow, resume: bool = False) -> Prepared:
     """All checks short of computing: files, formats, model, sizes, output. Errors name the field.
 
     ``resume``: an existing volume of this pipeline is no error (the runner checks, under
-    the output lock, that it can be resumed).
+    the output lock, that it can be resumed). Applies the workflow's storage options to
+    this process (:func:`storage_rules`).
     """
+    fs.use_rules(storage_rules(wf))
     try:
         return _prepare(wf, resume)
     except PipelineError as exc:
@@ -108,16 +129,15 @@ def non_finite_fill(wf: Workflow) -> float | None:
     return wf.input.fill_value if wf.input.non_finite == "fill" else None
 
 
-def report_files(wf: Workflow) -> list[Path]:
+def report_files(wf: Workflow) -> list[str]:
     """The files a run of ``wf`` writes beside its output: run.json, and the evaluation's."""
     evaluation = [] if wf.evaluation is None else ReportFiles.beside(wf.output.path).written()
     return [run_json_path(wf), *evaluation]
 
 
-def run_json_path(wf: Workflow) -> Path:
+def run_json_path(wf: Workflow) -> str:
     """``out/slide.zarr`` -> ``out/slide.run.json``."""
-    p = Path(wf.output.path)
-    return p.with_name(f"{p.stem}.run.json")
+    return fs.sibling(wf.output.path, f"{fs.stem(wf.output.path)}.run.json")
 
 
 def protected_inputs(wf: Workflow) -> dict[str, str | None]:
@@ -137,7 +157,7 @@ def check_output_location(wf: Workflow) -> None:
     inputs = protected_inputs(wf)
     check_not_an_input(wf.output.path, "output.path", inputs)
     for report in report_files(wf):
-        check_not_an_input(str(report), "output.path (its report file)", inputs)
+        check_not_an_input(report, "output.path (its report file)", inputs)
     check_writable(wf.output.path, "output.path")
 
 
@@ -148,7 +168,7 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
     cfg = wf.model
     if image.channels != cfg.in_channels:
         raise PipelineError(
-            f"model.in_channels: {cfg.in_channels}, but {wf.input.path} has {image.channels} "
+            f"model.in_channels: {cfg.in_channels}, but {fs.redact(wf.input.path)} has {image.channels} "
             f"channel{'s' if image.channels > 1 else ''}"
             + (" (set input.channel_axis for a multi-channel image)" if image.channels == 1 else "")
         )
@@ -167,6 +187,13 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
         check_declared_halo(model, cfg, samples)
     batch = 1 if wf.inference.batch_size == "auto" else int(wf.inference.batch_size)
     plan = make_plan(wf, image, model, batch)
+    chunk = wf.output.chunk
+    if chunk is not None and any(b % chunk for b in plan.block_shape):
+        raise PipelineError(
+            f"output.chunk: {chunk} does not divide the blocks of "
+            f"{' x '.join(map(str, plan.block_shape))} px; expected a divisor of the block edge "
+            f"(e.g. {_divisor_near(plan.block_shape, chunk)}), so that every task writes whole chunks"
+        )
     truth = None
     if wf.evaluation is not None:
         truth = _check_truth(wf, image)
@@ -176,7 +203,7 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
     segment = int(np.prod(image.chunks)) * image.channels * image.dtype.itemsize
     if segment > SEGMENT_NOTE_BYTES:
         notes.append(
-            f"{wf.input.path} is stored in compressed segments of {format_bytes(segment)} "
+            f"{fs.redact(wf.input.path)} is stored in compressed segments of {format_bytes(segment)} "
             f"({' x '.join(map(str, image.chunks))} px): every read decodes whole segments; "
             f"a tiled TIFF (e.g. tifffile.imwrite(..., tile=(512, 512))) or zarr reads faster"
         )
@@ -194,6 +221,12 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
     return prepared
 
 
+def _divisor_near(block: tuple[int, ...], chunk: int) -> int:
+    edge = min(block)
+    divisors = [d for d in range(16, edge + 1) if all(b % d == 0 for b in block)] or [edge]
+    return min(divisors, key=lambda d: abs(d - chunk))
+
+
 def _check_truth(wf: Workflow, image: ImageReader) -> ImageReader:
     ev = wf.evaluation
     assert ev is not None
@@ -201,7 +234,7 @@ def _check_truth(wf: Workflow, image: ImageReader) -> ImageReader:
     if truth.shape != image.shape:
         raise EvaluationError(
             f"evaluation.ground_truth: {ev.ground_truth} has shape {truth.shape}, "
-            f"but the image {wf.input.path} has spatial shape {image.shape}; expected the same"
+            f"but the image {fs.redact(wf.input.path)} has spatial shape {image.shape}; expected the same"
         )
     expected_channels = 3 if ev.encoding == "palette" else 1
     if truth.channels != expected_channels:
@@ -229,7 +262,7 @@ def _check_truth(wf: Workflow, image: ImageReader) -> ImageReader:
     mask_shape = open_image(mask).shape if mask is not None else image.shape
     if mask is not None and mask_shape != image.shape:
         raise EvaluationError(
-            f"evaluation.ignore_mask: {mask.path} has shape {mask_shape}, but the "
+            f"evaluation.ignore_mask: {fs.redact(mask.path)} has shape {mask_shape}, but the "
             f"image has spatial shape {image.shape}"
         )
     return truth
@@ -241,7 +274,7 @@ def effective_normalization(wf: Workflow, model: LoadedModel) -> NormalizeConfig
         return wf.model.normalize
     if "normalize" in wf.model.model_fields_set:
         raise PipelineError(
-            f"model.normalize: {wf.model.path} declares its own preprocessing "
+            f"model.normalize: {fs.redact(wf.model.path or '')} declares its own preprocessing "
             f"({describe_normalization(model.normalize)}); remove model.normalize from the workflow"
         )
     return model.normalize
@@ -283,7 +316,7 @@ def describe_plan(p: Prepared) -> str:
         for ext, n in zip(plan.tile_extents, img.shape)
     ]
     lines = [
-        f"image      {wf.input.path}",
+        f"image      {fs.redact(wf.input.path)}",
         f"           {shape} px, {img.channels} channel{'s' * (img.channels > 1)}, {img.dtype}, "
         f"stored in chunks of {' x '.join(map(str, img.chunks))}",
         f"model      {p.model.identity['arch']} {_params(p.model.identity['params'])}",
@@ -302,7 +335,7 @@ def describe_plan(p: Prepared) -> str:
         f"channels_last {wf.inference.channels_last}, test-time augmentation {wf.inference.tta}",
         f"memory     ~{format_bytes(estimate_task_bytes(p))} per task"
         + ("" if p.model.activation_bytes_per_pixel else " + model activations (unknown for a model declared by file)"),
-        f"output     {wf.output.path} ({p.label_dtype}, chunks "
+        f"output     {fs.redact(wf.output.path)} ({p.label_dtype}, chunks "
         f"{' x '.join(map(str, plan.block_shape))}, one per block)",
     ]
     if wf.evaluation is not None:

@@ -4,8 +4,8 @@ Fingerprints are recorded when a volume is created and compared by ``--resume``:
 resumes only with the same input, model (weights hash), label-deciding workflow fields,
 plan and pipeline version. ``run.json`` (beside the output, and summarised in the volume's
 attributes) says what ran where, how fast, and what happened to every block. Neither holds
-secrets: the workflow has none (credentials come from the environment), and only the
-cluster's shape and job ids are recorded, never its environment.
+secrets: storage options and environment variables that name credentials are redacted,
+URLs lose embedded credentials, and only the cluster's shape and job ids are recorded.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import Any
 
 from . import __version__
 from .config import Workflow
-from .io.fingerprints import path_fingerprint
-from .io.ownership import file_digest
+from .io import fs
 from .tiling import TilePlan
 
 # Workflow fields that never change a label: where it goes, how it is scheduled, how the
@@ -40,16 +39,41 @@ def label_fields(wf: Workflow) -> dict[str, Any]:
             continue
         dropped = NOT_LABEL_FIELDS.get(section) or set()
         fields[section] = {k: v for k, v in value.items() if k not in dropped} if isinstance(value, dict) else value
-    return fields
+    return _without_storage(_redacted_urls(fields))
+
+
+def _without_storage(value: Any) -> Any:
+    """Storage options say how to reach a file, never what is in it: not a label field."""
+    if isinstance(value, dict):
+        return {k: _without_storage(v) for k, v in value.items() if k != "storage_options"}
+    return value
+
+
+def _redacted_urls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redacted_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted_urls(v) for v in value]
+    return fs.redact(value) if isinstance(value, str) else value
+
+
+def _redacted_storage(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: fs.redact_options(v) if k == "storage_options" and isinstance(v, dict) else _redacted_storage(v)
+            for k, v in value.items()
+        }
+    return value
 
 
 def public_workflow(wf: Workflow) -> dict[str, Any]:
     """The resolved workflow as recorded (run.json, the volume's attributes), minus secrets.
 
     ``cluster.environment`` values and ``cluster.prologue`` assignments whose names look like
-    credentials (``*_SECRET*``, ``*TOKEN*``, ``*PASSWORD*``, ``*_KEY``, ...) are redacted.
+    credentials (``*_SECRET*``, ``*TOKEN*``, ``*PASSWORD*``, ``*_KEY``, ...) are redacted, and
+    so are credential storage options and credentials embedded in URLs.
     """
-    dumped = wf.model_dump(mode="json")
+    dumped = _redacted_storage(_redacted_urls(wf.model_dump(mode="json")))
     cluster = dumped.get("cluster", {})
     env = cluster.get("environment")
     if isinstance(env, dict):
@@ -69,7 +93,7 @@ def _redact_line(line: str) -> str:
 def run_fingerprints(wf: Workflow, model_identity: dict[str, Any], plan: TilePlan) -> dict[str, Any]:
     return {
         "pipeline_version": __version__,
-        "input": path_fingerprint(wf.input.path),
+        "input": fs.fingerprint(wf.input.path),
         "model_weights": model_identity.get("weights", {}).get("sha256", "built in"),
         "workflow": label_fields(wf),
         "plan": {
@@ -99,12 +123,12 @@ def run_document(
     """The ``run.json`` document: ``run`` holds status, cluster, timings and block counts."""
     return {
         **run,
-        "output": wf.output.path,
+        "output": fs.redact(wf.output.path),
         "workflow_file": wf.source,
-        "workflow_sha256": file_digest(wf.source) if Path(wf.source).is_file() else None,  # None: in memory
+        "workflow_sha256": fs.file_sha256(wf.source) if fs.is_file(wf.source) else None,  # None: in memory
         "workflow": public_workflow(wf),
         "model": model_identity,
         "versions": versions(),
         "host": platform.node(),
-        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
+        "command": fs.redact(" ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])),
     }

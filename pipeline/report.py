@@ -16,14 +16,15 @@ The JSON document::
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .evaluation import EvaluationSpec, PairResult
+from .io import fs
 from .metrics import Scores, bootstrap_mean_iou, mean_of_per_image_iou, scores_from_confusion
 
 ABSENT_POLICIES = {
@@ -168,23 +169,20 @@ def format_table(scores: Scores, names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: str | Path, scores: Scores, names: list[str]) -> None:
+def write_csv(path: str, scores: Scores, names: list[str]) -> None:
+    """Write atomically (a local file or an object): a reader never sees half a report."""
     rows = scores_to_dict(scores, names)["per_class"]
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    fs.put_bytes(path, text.getvalue().encode())
 
 
-def write_json(path: str | Path, document: dict[str, Any]) -> None:
-    """Write atomically: a reader never sees half a report."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
+def write_json(path: str, document: dict[str, Any]) -> None:
+    """Write atomically (a local file or an object): a reader never sees half a report."""
+    fs.put_bytes(path, (json.dumps(document, indent=2, allow_nan=False) + "\n").encode())
 
 
 def _brief(scores: Scores) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
@@ -23,6 +22,7 @@ from .errors import ExecutionError, PipelineError, ResumeRefusedError, RunInterr
 from .evaluation import LabelPair
 from .execution import BlockCounts, execute_blocks
 from .inference import InferenceSpec, measure_batch_size
+from .io import fs
 from .io.images import ImageSpec
 from .io.labels import (
     check_run,
@@ -126,7 +126,7 @@ def run(
                 exc.reported = True
             print(
                 f"interrupted ({signal_name}): the run's tasks were cancelled and the cluster "
-                f"stopped; {wf.output.path} keeps its written blocks: rerun with --resume to "
+                f"stopped; {fs.redact(wf.output.path)} keeps its written blocks: rerun with --resume to "
                 f"compute the rest",
                 file=err,
                 flush=True,
@@ -134,14 +134,14 @@ def run(
             raise
         except BaseException as exc:
             state.status = "failed"
-            state.error = str(exc).splitlines()[0] if isinstance(exc, PipelineError) else type(exc).__name__
+            state.error = fs.redact(str(exc).splitlines()[0]) if isinstance(exc, PipelineError) else type(exc).__name__
             raise
         finally:
             timings["total"] = time.perf_counter() - started
             if state.run_id is not None:
                 _write_run_json(wf, prepared, state, reports)
     total = time.perf_counter() - started
-    print(f"run        {run_json_path(wf)}", file=out)
+    print(f"run        {fs.redact(run_json_path(wf))}", file=out)
     print(f"done in {format_seconds(total)}", file=out, flush=True)
     report_path = str(ReportFiles.beside(wf.output.path).json) if scores is not None else None
     return RunResult(wf.output.path, report_path, scores, total, state.blocks)
@@ -164,7 +164,7 @@ def _run_connected(
     prepared: Prepared,
     conn: Connection,
     state: RunState,
-    reports: list[Path],
+    reports: list[str],
     resume: bool,
     performance_report: str | None,
     out: TextIO,
@@ -219,6 +219,8 @@ def _run_connected(
             provenance={**_provenance(prepared, normalize), "fingerprints": fingerprints},
             overwrite=wf.output.overwrite,
             reports=reports,
+            inner_chunks=(wf.output.chunk,) * len(plan.block_shape) if wf.output.chunk else None,
+            sharded=wf.output.shard,
         )
     timings["normalization"] = time.perf_counter() - t
     state.run_id = run_id
@@ -273,7 +275,7 @@ def _run_connected(
     mark_complete(wf.output.path, run_id, summary)
     state.status = "complete"
     print(counts.describe(), file=out, flush=True)
-    print(f"labels     {wf.output.path} (complete)", file=out, flush=True)
+    print(f"labels     {fs.redact(wf.output.path)} (complete)", file=out, flush=True)
     if performance_report:
         print(f"dask       performance report {performance_report}", file=out, flush=True)
     if wf.evaluation is None:
@@ -292,7 +294,7 @@ def _describe(conn: Connection) -> dict[str, Any]:
         return {"backend": conn.cfg.kind}
 
 
-def _write_run_json(wf: Workflow, p: Prepared, state: RunState, reports: list[Path]) -> None:
+def _write_run_json(wf: Workflow, p: Prepared, state: RunState, reports: list[str]) -> None:
     """``run.json`` beside the volume, listed (with its hash) in the volume's record.
 
     No report file existed when the volume was created (checked under the lock), so every
@@ -302,7 +304,7 @@ def _write_run_json(wf: Workflow, p: Prepared, state: RunState, reports: list[Pa
     document = run_document(wf, p.model.identity, state.as_dict())
     write_json(run_json_path(wf), document)
     try:
-        record_reports(wf.output.path, state.run_id, [r for r in reports if r.is_file()])
+        record_reports(wf.output.path, state.run_id, [r for r in reports if fs.is_file(r)])
     except PipelineError:
         pass  # the volume was replaced meanwhile: its record is not ours to change
 
@@ -312,7 +314,7 @@ def _evaluate(wf: Workflow, prepared: Prepared, out: TextIO) -> Scores:
     assert ev is not None
     spec = evaluation_spec(ev, wf.model.num_classes)
     pair = LabelPair(
-        Path(wf.output.path).stem,
+        fs.stem(wf.output.path),
         ImageSpec(wf.output.path, None, "output.path"),
         truth_spec(wf),
         ignore_mask_spec(wf),
@@ -325,7 +327,7 @@ def _evaluate(wf: Workflow, prepared: Prepared, out: TextIO) -> Scores:
         [pair], spec, files, ev.bootstrap, ev.confidence, image=input_spec(wf), extra=extra
     )
     for path in files.written():
-        print(f"report     {path}", file=out)
+        print(f"report     {fs.redact(path)}", file=out)
     print(format_table(scores, spec.names), file=out)
     if prepared.model.untrained:
         print(f"note: {UNTRAINED_NOTE}", file=out)

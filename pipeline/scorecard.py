@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import dask.array as da
@@ -16,6 +15,7 @@ import numpy as np
 from .encodings import LabelEncoding, decode
 from .evaluation import EvaluationSpec, LabelPair, evaluate_pairs
 from .figures import class_colours, confusion_heatmap, overlay_preview
+from .io import fs
 from .io.images import ImageSpec, as_dask_array
 from .io.labels import is_label_volume, open_label_volume
 from .metrics import Scores
@@ -26,24 +26,25 @@ PREVIEW_EDGE = 1000
 
 @dataclass(frozen=True)
 class ReportFiles:
-    json: Path | None = None
-    csv: Path | None = None
-    heatmap: Path | None = None
-    preview: Path | None = None
+    """Where each report goes (paths or URLs); None: not written."""
+
+    json: str | None = None
+    csv: str | None = None
+    heatmap: str | None = None
+    preview: str | None = None
 
     @classmethod
     def beside(cls, output_path: str) -> ReportFiles:
         """``out/slide.zarr`` -> ``out/slide.evaluation.json``, ``.csv``, ``.confusion.png``, ``.preview.png``."""
-        p = Path(output_path)
-        stem = p.with_name(p.stem)
+        stem = fs.stem(output_path)
         return cls(
-            json=Path(f"{stem}.evaluation.json"),
-            csv=Path(f"{stem}.evaluation.csv"),
-            heatmap=Path(f"{stem}.confusion.png"),
-            preview=Path(f"{stem}.preview.png"),
+            json=fs.sibling(output_path, f"{stem}.evaluation.json"),
+            csv=fs.sibling(output_path, f"{stem}.evaluation.csv"),
+            heatmap=fs.sibling(output_path, f"{stem}.confusion.png"),
+            preview=fs.sibling(output_path, f"{stem}.preview.png"),
         )
 
-    def written(self) -> list[Path]:
+    def written(self) -> list[str]:
         return [p for p in (self.json, self.csv, self.heatmap, self.preview) if p is not None]
 
 
@@ -66,13 +67,13 @@ def evaluate_and_report(
     if files.csv:
         write_csv(files.csv, pooled, spec.names)
     if files.heatmap:
-        confusion_heatmap(pooled.confusion, spec.names, files.heatmap)
+        fs.put_bytes(files.heatmap, confusion_heatmap(pooled.confusion, spec.names))
     if files.preview:
         write_preview(pairs[0], spec, files.preview, image)
     return doc, pooled
 
 
-def write_preview(pair: LabelPair, spec: EvaluationSpec, path: Path, image: ImageSpec | None) -> None:
+def write_preview(pair: LabelPair, spec: EvaluationSpec, path: str, image: ImageSpec | None) -> None:
     """Downsampled image, truth and prediction of one pair, in class colours."""
     pred = _labels(pair.prediction)
     step = max(1, math.ceil(max(pred.shape[-2:]) / PREVIEW_EDGE))
@@ -92,7 +93,7 @@ def write_preview(pair: LabelPair, spec: EvaluationSpec, path: Path, image: Imag
     else:
         base = np.full((1,) + pred_ids.shape, 128, np.uint8)
     colours = class_colours(spec.num_classes, spec.encoding.palette)
-    overlay_preview(base, truth_ids, pred_ids, colours, path, ignored)
+    fs.put_bytes(path, overlay_preview(base, truth_ids, pred_ids, colours, ignored))
 
 
 def _labels(spec: ImageSpec) -> da.Array:

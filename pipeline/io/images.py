@@ -1,19 +1,23 @@
 """Open images lazily: TIFF/BigTIFF through tifffile's zarr interface, zarr arrays directly.
 
-An :class:`ImageSpec` is a small picklable description (path, channel axis) that crosses
-to Dask workers; each worker process opens the file once (:func:`open_image` caches) and
-reads only the regions its tasks ask for. Pixel data is never loaded whole.
+An :class:`ImageSpec` is a small picklable description (path, channel axis, storage
+options) that crosses to Dask workers; each worker process opens the file once
+(:func:`open_image` caches) and reads only the regions its tasks ask for. Pixel data is
+never loaded whole. In an object store a TIFF is read with ranged GETs (its header and
+tile offsets once per process, then the tiles a region needs) and a zarr array costs one
+GET per chunk read, with no listing.
 
 Internally images are channel-first: ``(C, *spatial)``; a single-channel image has C = 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import dask.array as da
@@ -25,6 +29,7 @@ from dask.base import tokenize
 from ..errors import InputImageError
 from ..geometry import Box
 from ..mirror import MirrorMode, read_mirrored
+from . import fs
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".gtif")
 # Formats without random access: read whole (by Pillow), so for images that fit in memory.
@@ -41,6 +46,7 @@ class ImageSpec:
     channels: tuple[int, ...] | None = None
     volume: bool = False  # also accept 3 spatial axes (z, y, x): label volumes for evaluation
     series: int | None = None  # the image series of a TIFF holding several
+    storage: fs.StorageRules = dataclasses.field(default_factory=fs.active_rules)  # as where the spec was made
 
 
 class ImageReader:
@@ -57,13 +63,13 @@ class ImageReader:
         if axis is not None:
             if not -ndim <= axis < ndim:
                 raise InputImageError(
-                    f"{spec.path}: input.channel_axis: expected an axis index in "
+                    f"{fs.redact(spec.path)}: input.channel_axis: expected an axis index in "
                     f"[{-ndim}, {ndim - 1}] for an image of shape {array.shape}, got {axis}"
                 )
             axis %= ndim
             if ndim - 1 not in spatial_ok:
                 raise InputImageError(
-                    f"{spec.path}: expected a 2D image with one channel axis (3 axes), got shape "
+                    f"{fs.redact(spec.path)}: expected a 2D image with one channel axis (3 axes), got shape "
                     f"{array.shape}; 3D volumes are not supported yet"
                 )
         elif ndim not in spatial_ok:
@@ -74,7 +80,7 @@ class ImageReader:
             )
             what = "a 2D image or a 3D volume" if spec.volume else "a 2D image"
             raise InputImageError(
-                f"{spec.path}: expected {what} (or input.channel_axis for a multi-channel "
+                f"{fs.redact(spec.path)}: expected {what} (or input.channel_axis for a multi-channel "
                 f"one), got {ndim} axes with shape {array.shape}{hint}"
             )
         self._channel_axis = axis
@@ -86,7 +92,7 @@ class ImageReader:
             bad = [c for c in spec.channels if c >= stored]
             if bad:
                 raise InputImageError(
-                    f"{spec.path}: input.channels: index {bad[0]} is out of range for an image "
+                    f"{fs.redact(spec.path)}: input.channels: index {bad[0]} is out of range for an image "
                     f"with {stored} channel{'s' * (stored > 1)} (shape {array.shape})"
                 )
             if list(spec.channels) != list(range(stored)):
@@ -94,7 +100,7 @@ class ImageReader:
         self.channels: int = stored if spec.channels is None else len(spec.channels)
         self.dtype = np.dtype(array.dtype)
         if any(s == 0 for s in self.shape) or self.channels == 0:
-            raise InputImageError(f"{spec.path}: image is empty (shape {array.shape})")
+            raise InputImageError(f"{fs.redact(spec.path)}: image is empty (shape {array.shape})")
         chunks = tuple(int(c) for i, c in enumerate(array.chunks) if i != axis)
         self.chunks: tuple[int, ...] = chunks
 
@@ -119,32 +125,52 @@ class ImageReader:
 
 def open_image(spec: ImageSpec) -> ImageReader:
     """Open (once per process) the image at ``spec.path``; InputImageError if impossible."""
-    return _open_cached(spec, _mtime(spec))
+    fs.use_rules(spec.storage)
+    with fs.storage_errors(spec.field, spec.path):
+        return _open_cached(spec, _version(spec))
 
 
 @lru_cache(maxsize=16)
-def _open_cached(spec: ImageSpec, mtime: float) -> ImageReader:
+def _open_cached(spec: ImageSpec, version: str) -> ImageReader:
     array, keepalive = _open_array(spec)
     return ImageReader(spec, array, keepalive)
 
 
-def _mtime(spec: ImageSpec) -> float:
+def _version(spec: ImageSpec) -> str:
+    """Changes when the file is replaced; a zarr folder's is its metadata file's."""
     try:
-        return Path(spec.path).stat().st_mtime
-    except OSError:
-        raise InputImageError(f"{spec.field}: file not found: {spec.path}") from None
+        if _is_zarr(spec.path):
+            return fs.version_token(_zarr_metadata(spec.path))
+        return fs.version_token(spec.path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise InputImageError(f"{spec.field}: file not found: {fs.redact(spec.path)}") from None
+
+
+def _is_zarr(path: str) -> bool:
+    return _zarr_metadata(path) != path
+
+
+def _zarr_metadata(path: str) -> str:
+    """The metadata file of a zarr folder at ``path`` (``path`` itself if it is none)."""
+    if fs.is_local(path) and not fs.is_dir(path):
+        return path
+    for name in ("zarr.json", ".zarray", ".zgroup"):
+        candidate = fs.join(path, name)
+        if fs.is_file(candidate):
+            return candidate
+    return fs.join(path, "zarr.json") if fs.is_local(path) else path
 
 
 def _open_array(spec: ImageSpec) -> tuple[zarr.Array | _InMemoryArray, object]:
-    path = Path(spec.path)
-    if path.is_dir():
+    suffix = fs.suffix(spec.path).lower()
+    if _is_zarr(spec.path):
         return _open_zarr(spec), None
-    if path.suffix.lower() in TIFF_SUFFIXES:
+    if suffix in TIFF_SUFFIXES:
         return _open_tiff(spec)
-    if path.suffix.lower() in PILLOW_SUFFIXES:
+    if suffix in PILLOW_SUFFIXES:
         return _open_pillow(spec), None
     raise InputImageError(
-        f"{spec.field}: {spec.path}: unsupported image format {path.suffix or '(no suffix)'!r}; "
+        f"{spec.field}: {fs.redact(spec.path)}: unsupported image format {suffix or '(no suffix)'!r}; "
         f"expected a TIFF file ({', '.join(TIFF_SUFFIXES)}), a zarr array folder, or a small "
         f"image ({', '.join(PILLOW_SUFFIXES)})"
     )
@@ -155,28 +181,35 @@ def _open_pillow(spec: ImageSpec) -> _InMemoryArray:
     from PIL import Image
 
     try:
-        with Image.open(spec.path) as opened:
+        source = spec.path if fs.is_local(spec.path) else io.BytesIO(fs.read_bytes(spec.path))
+        with Image.open(source) as opened:
             img: Image.Image = opened
             if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
                 img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
             data = np.asarray(img)
     except Exception as exc:
-        raise InputImageError(f"{spec.field}: {spec.path} is not a readable image: {exc}") from None
+        raise InputImageError(f"{spec.field}: {fs.redact(spec.path)} is not a readable image: {exc}") from None
     return _InMemoryArray(data)
 
 
 def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array | _InMemoryArray, object]:
+    local = fs.is_local(spec.path)
     try:
-        tif = tifffile.TiffFile(spec.path)
+        # In a store: one file object read in ranges; the header and offsets once per process.
+        tif = tifffile.TiffFile(fs.local_path(spec.path) if local else fs.open_read(spec.path))
     except Exception as exc:
-        raise InputImageError(f"{spec.field}: {spec.path} is not a readable TIFF: {exc}") from None
+        if fs.describe_failure(exc) and not local:
+            raise
+        raise InputImageError(f"{spec.field}: {fs.redact(spec.path)} is not a readable TIFF: {exc}") from None
     array: zarr.Array | _InMemoryArray
     try:
         series = _choose_series(tif, spec)
-        if series.dataoffset is not None and not series.is_multifile:
+        if local and series.dataoffset is not None and not series.is_multifile:
             # Uncompressed and contiguous: a memory map reads only the pages a region needs,
             # where the zarr view would decode whole strips (often one strip = the image).
-            array = _InMemoryArray(tifffile.memmap(spec.path, series=tif.series.index(series), mode="r"))
+            array = _InMemoryArray(
+                tifffile.memmap(fs.local_path(spec.path), series=tif.series.index(series), mode="r")
+            )
         else:
             array = zarr.open_array(series.aszarr(level=0), mode="r")
     except InputImageError:
@@ -184,7 +217,7 @@ def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array | _InMemoryArray, object]:
         raise
     except Exception as exc:
         tif.close()
-        raise InputImageError(f"{spec.field}: {spec.path}: cannot read TIFF image: {exc}") from None
+        raise InputImageError(f"{spec.field}: {fs.redact(spec.path)}: cannot read TIFF image: {exc}") from None
     return array, tif
 
 
@@ -193,24 +226,24 @@ def _choose_series(tif: tifffile.TiffFile, spec: ImageSpec) -> tifffile.TiffPage
     found = tif.series
     listing = "; ".join(f"{i}: {' x '.join(map(str, s.shape))} ({s.axes})" for i, s in enumerate(found[:8]))
     if not found:
-        raise InputImageError(f"{spec.field}: {spec.path}: TIFF holds no image series")
+        raise InputImageError(f"{spec.field}: {fs.redact(spec.path)}: TIFF holds no image series")
     if spec.series is not None:
         if spec.series >= len(found):
             raise InputImageError(
-                f"input.series: {spec.series}, but {spec.path} holds {len(found)} image series ({listing})"
+                f"input.series: {spec.series}, but {fs.redact(spec.path)} holds {len(found)} image series ({listing})"
             )
         series = found[spec.series]
     elif len(found) > 1:
         hint = "set input.series to the one to segment" if spec.field == "input.path" else "expected one"
         raise InputImageError(
-            f"{spec.field}: {spec.path} holds {len(found)} image series ({listing}); {hint}"
+            f"{spec.field}: {fs.redact(spec.path)} holds {len(found)} image series ({listing}); {hint}"
         )
     else:
         series = found[0]
     stacked = series.ndim == 3 and series.axes[0] in "IZTQ" and series.axes[-1] != "S"
     if stacked and spec.channel_axis is None and not spec.volume:
         raise InputImageError(
-            f"{spec.field}: {spec.path} holds a stack of {series.shape[0]} pages of "
+            f"{spec.field}: {fs.redact(spec.path)} holds a stack of {series.shape[0]} pages of "
             f"{series.shape[1]} x {series.shape[2]} (axes {series.axes}); expected one 2D image "
             f"(3D stacks are not supported yet); if the pages are channels, set input.channel_axis: 0"
         )
@@ -233,21 +266,23 @@ class _InMemoryArray:
 
 def _open_zarr(spec: ImageSpec) -> zarr.Array:
     try:
-        node = zarr.open(spec.path, mode="r")
+        node = zarr.open(store=fs.zarr_store(spec.path, read_only=True), mode="r")
     except Exception as exc:
+        if fs.describe_failure(exc) and not isinstance(exc, FileNotFoundError):
+            raise
         raise InputImageError(
-            f"{spec.field}: {spec.path} is neither a TIFF file nor a zarr array: {exc}"
+            f"{spec.field}: {fs.redact(spec.path)} is neither a TIFF file nor a zarr array: {exc}"
         ) from None
     group = node
     if isinstance(node, zarr.Array):
         try:  # the array of a label volume: its group holds the run's status
-            group = zarr.open_group(str(Path(spec.path).parent), mode="r")
+            group = zarr.open_group(store=fs.zarr_store(fs.parent(spec.path), read_only=True), mode="r")
         except Exception:
             return node
     record = group.attrs.get("pipeline")
     if isinstance(record, dict) and record.get("status") not in (None, "complete"):
         raise InputImageError(
-            f"{spec.field}: {spec.path} is (in) the label volume of an unfinished run (status "
+            f"{spec.field}: {fs.redact(spec.path)} is (in) the label volume of an unfinished run (status "
             f"{record.get('status')!r}); expected a complete one"
         )
     if isinstance(node, zarr.Array):
@@ -259,7 +294,7 @@ def _open_zarr(spec: ImageSpec) -> zarr.Array:
         dataset = node[dataset_path]
         if not isinstance(dataset, zarr.Array):
             raise InputImageError(
-                f"{spec.field}: {spec.path}: the multiscale dataset {dataset_path!r} is a group; "
+                f"{spec.field}: {fs.redact(spec.path)}: the multiscale dataset {dataset_path!r} is a group; "
                 f"expected an array"
             )
         return dataset
@@ -268,8 +303,8 @@ def _open_zarr(spec: ImageSpec) -> zarr.Array:
     if len(arrays) == 1:
         return members[arrays[0]]
     raise InputImageError(
-        f"{spec.field}: {spec.path} is a zarr group with arrays {arrays}; expected one array, "
-        f"an OME-Zarr multiscale group, or the path of the array itself (e.g. {spec.path}/{arrays[0] if arrays else '0'})"
+        f"{spec.field}: {fs.redact(spec.path)} is a zarr group with arrays {arrays}; expected one array, "
+        f"an OME-Zarr multiscale group, or the path of the array itself (e.g. {fs.redact(spec.path)}/{arrays[0] if arrays else '0'})"
     )
 
 
@@ -283,7 +318,7 @@ def as_dask_array(spec: ImageSpec, chunks: tuple[int, ...] | None = None) -> da.
     return da.from_array(
         source,
         chunks=(source.shape[0],) + tuple(spatial),
-        name="image-" + tokenize(spec, _mtime(spec)),
+        name="image-" + tokenize(spec, _version(spec)),
         asarray=False,
     )
 

@@ -1,15 +1,17 @@
 """Label volumes: an OME-Zarr 0.5 group (zarr format 3) holding one label array, ``0``.
 
-Layout of ``out/slide.zarr``::
+Layout of ``out/slide.zarr`` (a local folder or a prefix in an object store)::
 
     zarr.json          group: ome.multiscales (napari opens it), pipeline.* provenance
-    0/zarr.json        uint8/uint16 array, chunks = the tiling's blocks
-    0/c/i/j            one chunk per block, written whole by exactly one task
+    0/zarr.json        uint8/uint16 array, chunks = the tiling's blocks (or ``output.chunk``)
+    0/c/i/j            one chunk per block (or per ``output.chunk``; with ``output.shard`` one
+                       shard per block), written whole by exactly one task
     blocks/zarr.json   uint8 ledger, one element (and one chunk) per block
     blocks/c/i/j       written (1) only after block (i, j)'s chunk is written
 
 The ledger is what ``--resume`` trusts: a block is done when its ledger chunk exists, and
 that is written after the block's labels, so a block cut off halfway is computed again.
+Which blocks are done is read by listing the ledger's prefix once, not by a read per block.
 
 ``pipeline.status`` is ``"running"`` from creation and becomes ``"complete"`` only after
 the ledger records every block: a crashed run never looks complete. Rewriting a block (Dask
@@ -26,12 +28,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import re
 import uuid
 from collections.abc import Sequence
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,10 +44,11 @@ from ..errors import (
     ResumeRefusedError,
 )
 from ..geometry import Box
-from . import ownership
+from . import fs, ownership
 
 LABEL_ARRAY = "0"
 LEDGER = "blocks"
+ARRAYS = (LABEL_ARRAY, LEDGER)
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
 # zarr's LocalStore writes through "<name>.<uuid hex>.partial" files: an interrupted write leaves one
@@ -63,7 +64,7 @@ def label_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
-def check_output_free(path: str, overwrite: bool, reports: Sequence[str | Path] = ()) -> None:
+def check_output_free(path: str, overwrite: bool, reports: Sequence[str] = ()) -> None:
     """Refuse to touch an existing output unless overwriting one proven ours was asked for.
 
     ``reports`` are the files a run writes beside the volume: they follow the same rule
@@ -72,66 +73,71 @@ def check_output_free(path: str, overwrite: bool, reports: Sequence[str | Path] 
     _replaceable_record(path, overwrite, reports)
 
 
-def _replaceable_record(path: str, overwrite: bool, reports: Sequence[str | Path]) -> dict[str, Any] | None:
+def _replaceable_record(path: str, overwrite: bool, reports: Sequence[str]) -> dict[str, Any] | None:
     """The verified record of the volume at ``path`` that may be replaced; None if there is none."""
-    p = Path(path)
-    existing = [str(r) for r in reports if Path(r).exists() or Path(r).is_symlink()]
-    if not p.exists() and not p.is_symlink():
+    shown = fs.redact(path)
+    with fs.storage_errors("output.path", path):
+        existing = [str(r) for r in reports if fs.exists(str(r))]
+        present = fs.exists(path)
+    if not present:
         if existing:
             raise OutputExistsError(
-                f"output.path: report file {existing[0]} already exists and no label volume at "
-                f"{path} records it as written by this pipeline; move it away or choose another "
-                f"output path"
+                f"output.path: report file {fs.redact(existing[0])} already exists and no label "
+                f"volume at {shown} records it as written by this pipeline; move it away or "
+                f"choose another output path"
             )
         return None
     if not overwrite:
-        status = _status_of(p)
+        status = _status_of(path)
         if status == STATUS_RUNNING:
             raise OutputExistsError(
-                f"output.path: {path} holds an interrupted run's label volume; rerun with "
+                f"output.path: {shown} holds an interrupted run's label volume; rerun with "
                 f"--resume to compute only its missing blocks, or set output.overwrite: true to "
                 f"start over"
             )
         what = "a complete label volume" if status == STATUS_COMPLETE else "a file or folder"
         raise OutputExistsError(
-            f"output.path: {path} already exists ({what}); set output.overwrite: true to "
+            f"output.path: {shown} already exists ({what}); set output.overwrite: true to "
             f"replace it, or choose another path"
         )
-    record = _verified_record(p)
+    record = _verified_record(path)
     if record is None:
         raise OutputExistsError(
-            f"output.path: {path} exists and is not a label volume this pipeline can prove it "
+            f"output.path: {shown} exists and is not a label volume this pipeline can prove it "
             f"wrote (no valid signature of this user's key, {ownership.key_path()}); refusing to "
             f"delete it even with output.overwrite: true"
         )
-    foreign = foreign_entries(p)
+    foreign = foreign_entries(path)
     if foreign:
         raise OutputExistsError(
-            f"output.path: {path} holds {len(foreign)} entr{'ies' if len(foreign) > 1 else 'y'} "
-            f"this pipeline did not write (e.g. {foreign[0]}); refusing to delete it even with "
-            f"output.overwrite: true"
+            f"output.path: {shown} holds {len(foreign)} entr{'ies' if len(foreign) > 1 else 'y'} "
+            f"this pipeline did not write (e.g. {fs.redact(foreign[0])}); refusing to delete it "
+            f"even with output.overwrite: true"
         )
-    ours = _recorded_reports(p, record)
+    ours = _recorded_reports(path, record)
     for report in existing:
-        if Path(report) not in ours:
+        if report not in ours:
             raise OutputExistsError(
-                f"output.path: report file {report} was not written by the run that wrote "
-                f"{path} (or was changed since); refusing to replace it"
+                f"output.path: report file {fs.redact(report)} was not written by the run that "
+                f"wrote {shown} (or was changed since); refusing to replace it"
             )
     return record
 
 
-def _recorded_reports(volume: Path, record: dict[str, Any]) -> list[Path]:
+def _recorded_reports(volume: str, record: dict[str, Any]) -> list[str]:
     """Report files beside ``volume`` that its verified record lists, still with those bytes."""
     listed = record.get("reports")
     if not isinstance(listed, dict):
         return []
     found = []
     for name, digest in listed.items():
-        report = volume.parent / str(name)
-        if Path(str(name)).name != name or report.is_symlink() or not report.is_file():
+        name = str(name)
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
             continue
-        if ownership.file_digest(report) == digest:
+        report = fs.sibling(volume, name)
+        if fs.is_symlink(report) or not fs.is_file(report):
+            continue
+        if fs.file_sha256(report) == digest:
             found.append(report)
     return found
 
@@ -143,135 +149,140 @@ def create_label_volume(
     dtype: np.dtype,
     provenance: dict[str, Any],
     overwrite: bool,
-    reports: Sequence[str | Path] = (),
+    reports: Sequence[str] = (),
+    *,
+    inner_chunks: tuple[int, ...] | None = None,
+    sharded: bool = False,
 ) -> str:
     """Create the group and an empty label array, marked ``running``; returns the run id.
 
-    Call under :func:`pipeline.io.locks.output_lock`: the check and the replacement must not
+    ``chunks`` is the block: the unit one task writes. ``inner_chunks`` (dividing it) is the
+    unit a reader fetches: stored as separate chunks, or with ``sharded`` as the inner
+    chunks of one shard per block (one object per block in a store). Call under
+    :func:`pipeline.io.locks.output_lock`: the check and the replacement must not
     interleave with another run's.
     """
     record = _replaceable_record(path, overwrite, reports)
     if record is not None:
-        for report in _recorded_reports(Path(path), record):
-            report.unlink()
+        for report in _recorded_reports(path, record):
+            fs.remove_file(report)
         delete_label_volume(path)
     run_id = uuid.uuid4().hex
     axes = [{"name": n, "type": "space"} for n in "zyx"[-len(shape) :]]
-    group = zarr.open_group(path, mode="w-", zarr_format=3)
-    group.create_array(
-        LABEL_ARRAY,
-        shape=shape,
-        chunks=chunks,
-        dtype=dtype,
-        fill_value=0,
-        dimension_names=[a["name"] for a in axes],
-    )
-    group.create_array(
-        LEDGER,
-        shape=tuple(-(-n // c) for n, c in zip(shape, chunks)),
-        chunks=(1,) * len(shape),
-        dtype=np.uint8,
-        fill_value=0,
-    )
-    record = {**provenance, "status": STATUS_RUNNING, "run_id": run_id, "started": _now()}
-    group.attrs.update(
-        {
-            "ome": {
-                "version": "0.5",
-                "multiscales": [
-                    {
-                        "name": Path(path).stem,
-                        "axes": axes,
-                        "datasets": [
-                            {
-                                "path": LABEL_ARRAY,
-                                "coordinateTransformations": [
-                                    {"type": "scale", "scale": [1.0] * len(shape)}
-                                ],
-                            }
-                        ],
-                    }
-                ],
-                "image-label": {"version": "0.5"},
-            },
-            "pipeline": ownership.signed(record, _location(path)),
-        }
-    )
+    inner = inner_chunks or chunks
+    if any(c % i for c, i in zip(chunks, inner)):
+        raise ValueError(f"chunks {inner} do not divide the blocks {chunks}")
+    with fs.storage_errors("output.path", path, "write"):
+        group = zarr.open_group(store=fs.zarr_store(path, read_only=False), mode="w-", zarr_format=3)
+        group.create_array(
+            LABEL_ARRAY,
+            shape=shape,
+            chunks=inner,
+            shards=chunks if sharded else None,
+            dtype=dtype,
+            fill_value=0,
+            dimension_names=[a["name"] for a in axes],
+        )
+        group.create_array(
+            LEDGER,
+            shape=tuple(-(-n // c) for n, c in zip(shape, chunks)),
+            chunks=(1,) * len(shape),
+            dtype=np.uint8,
+            fill_value=0,
+        )
+        record = {**provenance, "status": STATUS_RUNNING, "run_id": run_id, "started": _now()}
+        group.attrs.update(
+            {
+                "ome": {
+                    "version": "0.5",
+                    "multiscales": [
+                        {
+                            "name": fs.stem(path),
+                            "axes": axes,
+                            "datasets": [
+                                {
+                                    "path": LABEL_ARRAY,
+                                    "coordinateTransformations": [
+                                        {"type": "scale", "scale": [1.0] * len(shape)}
+                                    ],
+                                }
+                            ],
+                        }
+                    ],
+                    "image-label": {"version": "0.5"},
+                },
+                "pipeline": ownership.signed(record, fs.location(path)),
+            }
+        )
     return run_id
 
 
 def delete_label_volume(path: str) -> None:
-    """Delete a volume of ours: only the entries its layout explains, then its empty folders.
+    """Delete a volume of ours: only the entries its layout explains (a store: by listing its prefix).
 
-    Anything else (a file that appeared since the check, a symbolic link) stays, and the
+    Anything else (an entry that appeared since the check, a symbolic link) stays, and the
     folder holding it cannot be removed: an error, never a deleted foreign file.
     """
-    root = Path(path)
-    grid = _chunk_grid(root)
-    if root.is_symlink() or grid is None:
-        raise OutputExistsError(f"output.path: {path} is not a label volume this pipeline can delete")
-    (root / "zarr.json").unlink(missing_ok=True)  # first: a half-deleted volume must not look like one
-    kept = []
-    for folder, _, files in os.walk(root, topdown=False):
-        rel = Path(folder).relative_to(root).parts
-        for name in files:
-            entry = Path(folder) / name
-            if not entry.is_symlink() and _expected(rel, name, False, grid):
-                entry.unlink()
-        try:
-            Path(folder).rmdir()
-        except OSError:
-            kept.append(folder)
+    grids = _chunk_grids(path)
+    if fs.is_symlink(path) or grids is None:
+        raise OutputExistsError(f"output.path: {fs.redact(path)} is not a label volume this pipeline can delete")
+    fs.remove_keys(path, ["zarr.json"])  # first: a half-deleted volume must not look like one
+    listed = fs.entries(path)
+    fs.remove_keys(path, [e.key for e in listed if not e.is_dir and not e.is_link and _expected(e.key, False, grids)])
+    kept = fs.remove_empty_folders(path)
+    if not fs.is_local(path):
+        kept = [fs.join(path, e.key) for e in listed if not _expected(e.key, False, grids)]
     if kept:
         raise OutputExistsError(
-            f"output.path: {kept[0]} holds entries this pipeline did not write; they were kept"
+            f"output.path: {fs.redact(kept[0])} holds entries this pipeline did not write; they were kept"
         )
 
 
-def foreign_entries(path: Path) -> list[str]:
+def foreign_entries(path: str) -> list[str]:
     """Entries under a volume that its layout does not explain (or symbolic links)."""
-    if path.is_symlink() or not path.is_dir():
-        return [str(path)]
-    grid = _chunk_grid(path)
-    if grid is None:
-        return [str(path / LABEL_ARRAY / "zarr.json")]
-    foreign = []
-    for folder, dirs, files in os.walk(path):
-        rel = Path(folder).relative_to(path).parts
-        for name in dirs + files:
-            entry = Path(folder) / name
-            if entry.is_symlink() or not _expected(rel, name, name in dirs, grid):
-                foreign.append(str(entry))
-        dirs[:] = [d for d in dirs if not (Path(folder) / d).is_symlink()]
-    return foreign
+    if fs.is_symlink(path) or (fs.is_local(path) and not fs.is_dir(path)):
+        return [path]
+    grids = _chunk_grids(path)
+    if grids is None:
+        return [fs.join(path, LABEL_ARRAY, "zarr.json")]
+    return [
+        fs.join(path, *e.key.split("/"))
+        for e in fs.entries(path)
+        if e.is_link or not _expected(e.key, e.is_dir, grids)
+    ]
 
 
-def _chunk_grid(path: Path) -> list[int] | None:
-    """Chunks along each axis of the volume's label array, from its metadata (None if unreadable)."""
-    try:
-        array = json.loads((path / LABEL_ARRAY / "zarr.json").read_text())
-        return [
-            -(-int(n) // int(c))
-            for n, c in zip(array["shape"], array["chunk_grid"]["configuration"]["chunk_shape"])
-        ]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def _chunk_grids(path: str) -> dict[str, list[int]] | None:
+    """Chunks (or shards) along each axis of each array of the volume (None if unreadable)."""
+    grids = {}
+    for name in ARRAYS:
+        try:
+            array = json.loads(fs.read_bytes(fs.join(path, name, "zarr.json")))
+            grids[name] = [
+                -(-int(n) // int(c))
+                for n, c in zip(array["shape"], array["chunk_grid"]["configuration"]["chunk_shape"])
+            ]
+        except (OSError, ValueError, KeyError, TypeError):
+            if name == LABEL_ARRAY:
+                return None
+    return grids
 
 
-def _expected(rel: tuple[str, ...], name: str, is_dir: bool, grid: list[int]) -> bool:
-    """Whether ``rel/name`` belongs to the layout of a volume whose chunk grid is ``grid``.
-
-    The label array and the ledger share the grid: one label chunk, one ledger chunk per block.
-    """
-    arrays = (LABEL_ARRAY, LEDGER)
-    if (rel == () or (len(rel) == 1 and rel[0] in arrays)) and not is_dir and _METADATA.fullmatch(name):
+def _expected(key: str, is_dir: bool, grids: dict[str, list[int]]) -> bool:
+    """Whether ``key`` (relative, ``/``-separated) belongs to the layout of a volume with ``grids``."""
+    parts = key.split("/")
+    rel, name = tuple(parts[:-1]), parts[-1]
+    if (rel == () or (len(rel) == 1 and rel[0] in ARRAYS)) and not is_dir and _METADATA.fullmatch(name):
         return True
     if rel == ():
-        return is_dir and name in arrays
+        return is_dir and name in ARRAYS
     if len(rel) == 1:
-        return rel[0] in arrays and is_dir and name == "c"
+        return rel[0] in ARRAYS and is_dir and name == "c"
+    grid = grids.get(rel[0])
     depth = len(rel) - 2  # index of the chunk-grid axis this entry names
-    if rel[0] not in arrays or rel[1] != "c" or depth >= len(grid):
+    if grid is None or rel[1] != "c" or depth >= len(grid):
+        return False
+    if any(_CHUNK_KEY.fullmatch(p) is None or int(p) >= grid[i] for i, p in enumerate(rel[2:])):
         return False
     match = _CHUNK_KEY.fullmatch(name)
     if match is None or int(match.group(1)) >= grid[depth]:
@@ -281,7 +292,7 @@ def _expected(rel: tuple[str, ...], name: str, is_dir: bool, grid: list[int]) ->
 
 
 def write_block(path: str, run_id: str, box: Box, labels: np.ndarray) -> None:
-    """Write one block's labels; the box must cover whole chunks (checked, not assumed).
+    """Write one block's labels; the box must cover whole chunks (shards) (checked, not assumed).
 
     The volume must still be this run's (its ``run_id``): a task that outlived its run never
     writes into the volume of another. ``run_id`` also keys the per-process cache of open
@@ -289,7 +300,7 @@ def write_block(path: str, run_id: str, box: Box, labels: np.ndarray) -> None:
     """
     check_run(path, run_id)
     array = _open_for_write(path, run_id, LABEL_ARRAY)
-    check_chunk_aligned(box, tuple(array.shape), tuple(array.chunks))
+    check_chunk_aligned(box, tuple(array.shape), tuple(array.shards or array.chunks))
     if labels.shape != box.shape:
         raise ValueError(f"labels of shape {labels.shape} for box {box}")
     array[box.slices()] = labels
@@ -309,14 +320,11 @@ def check_chunk_aligned(box: Box, shape: tuple[int, ...], chunks: tuple[int, ...
 
 def check_run(path: str, run_id: str) -> dict[str, Any]:
     """The volume's record, if it still belongs to run ``run_id``; else OutputReplacedError."""
-    try:
-        info = zarr.open_group(path, mode="r").attrs.get("pipeline")
-    except Exception:
-        info = None
+    info = _record(path)
     found = info.get("run_id") if isinstance(info, dict) else None
     if found != run_id:
         raise OutputReplacedError(
-            f"output.path: {path} no longer belongs to run {run_id[:8]} "
+            f"output.path: {fs.redact(path)} no longer belongs to run {run_id[:8]} "
             f"({'it was removed' if found is None else f'run {str(found)[:8]} replaced it'}); "
             f"nothing more of this run was written"
         )
@@ -329,13 +337,20 @@ def mark_block_done(path: str, run_id: str, index: tuple[int, ...]) -> None:
 
 
 def done_blocks(path: str) -> set[tuple[int, ...]]:
-    """The blocks the ledger records as written."""
-    ledger = zarr.open_array(str(Path(path) / LEDGER), mode="r")
-    return {tuple(int(i) for i in idx) for idx in np.argwhere(ledger[...])}
+    """The blocks the ledger records as written: its chunk keys, by one listing of its prefix."""
+    chunks = fs.join(path, LEDGER, "c")
+    if not fs.exists(chunks):
+        return set()
+    done = set()
+    for entry in fs.entries(chunks):
+        parts = entry.key.split("/")
+        if not entry.is_dir and all(p.isdigit() for p in parts):
+            done.add(tuple(int(p) for p in parts))
+    return done
 
 
 def resume_label_volume(
-    path: str, fingerprints: dict[str, Any], reports: Sequence[str | Path] = ()
+    path: str, fingerprints: dict[str, Any], reports: Sequence[str] = ()
 ) -> tuple[str, set[tuple[int, ...]]]:
     """Take over an interrupted run's volume: its run id and the blocks already written.
 
@@ -344,18 +359,19 @@ def resume_label_volume(
     model weights, the workflow fields that decide labels, pipeline version, plan).
     Call under :func:`pipeline.io.locks.output_lock`.
     """
+    shown = fs.redact(path)
     record = _replaceable_record(path, True, reports)
     if record is None:
-        raise ResumeRefusedError(f"output.path: {path}: there is no interrupted run to resume")
-    if not (Path(path) / LEDGER / "zarr.json").is_file():
+        raise ResumeRefusedError(f"output.path: {shown}: there is no interrupted run to resume")
+    if not fs.is_file(fs.join(path, LEDGER, "zarr.json")):
         raise ResumeRefusedError(
-            f"output.path: {path} was written by a pipeline version without a block ledger; "
+            f"output.path: {shown} was written by a pipeline version without a block ledger; "
             f"set output.overwrite: true to start over"
         )
     changed = changed_fingerprints(record.get("fingerprints", {}), fingerprints)
     if changed:
         raise ResumeRefusedError(
-            f"output.path: cannot resume {path}: since the interrupted run started, "
+            f"output.path: cannot resume {shown}: since the interrupted run started, "
             + "; ".join(changed)
             + "; its blocks would not match: set output.overwrite: true to start over"
         )
@@ -363,7 +379,7 @@ def resume_label_volume(
 
 
 def is_complete(path: str) -> bool:
-    return _status_of(Path(path)) == STATUS_COMPLETE
+    return _status_of(path) == STATUS_COMPLETE
 
 
 def changed_fingerprints(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
@@ -392,80 +408,79 @@ def mark_complete(path: str, run_id: str, summary: dict[str, Any]) -> None:
     Only when the ledger records every block: a run never reports success with one missing.
     """
     check_run(path, run_id)
-    grid = _chunk_grid(Path(path)) or []
+    grid = (_chunk_grids(path) or {}).get(LEDGER, [])
     missing = int(np.prod(grid)) - len(done_blocks(path))
     if missing:
         raise OutputIncompleteError(
-            f"{path}: {missing} block{'s' * (missing > 1)} not recorded as written; the volume "
-            f"stays incomplete (rerun with --resume)"
+            f"{fs.redact(path)}: {missing} block{'s' * (missing > 1)} not recorded as written; "
+            f"the volume stays incomplete (rerun with --resume)"
         )
     update_record(path, run_id, {**summary, "status": STATUS_COMPLETE, "finished": _now()})
 
 
-def record_reports(path: str, run_id: str, reports: Sequence[str | Path]) -> None:
+def record_reports(path: str, run_id: str, reports: Sequence[str]) -> None:
     """List the report files written beside the volume, with their SHA-256, in its record.
 
     A later ``overwrite: true`` replaces them only while they still have those bytes.
     """
-    digests = {Path(r).name: ownership.file_digest(r) for r in reports}
+    digests = {fs.name(str(r)): fs.file_sha256(str(r)) for r in reports}
     update_record(path, run_id, {"reports": digests})
 
 
 def update_record(path: str, run_id: str, changes: dict[str, Any]) -> None:
     info = check_run(path, run_id)
     info.update(changes)
-    zarr.open_group(path, mode="r+").attrs["pipeline"] = ownership.signed(info, _location(path))
+    group = zarr.open_group(store=fs.zarr_store(path, read_only=False), mode="r+")
+    group.attrs["pipeline"] = ownership.signed(info, fs.location(path))
 
 
 def open_label_volume(path: str, require_complete: bool = True) -> zarr.Array:
     """The label array of a volume; refuses an unfinished one unless told otherwise."""
-    status = _status_of(Path(path))
+    shown = fs.redact(path)
+    status = _status_of(path)
     if status is None:
-        raise OutputIncompleteError(f"{path}: not a label volume written by this pipeline")
+        raise OutputIncompleteError(f"{shown}: not a label volume written by this pipeline")
     if require_complete and status != STATUS_COMPLETE:
         raise OutputIncompleteError(
-            f"{path}: label volume is incomplete (status {status!r}): its run did not finish"
+            f"{shown}: label volume is incomplete (status {status!r}): its run did not finish"
         )
-    array = zarr.open_group(path, mode="r")[LABEL_ARRAY]
+    array = zarr.open_group(store=fs.zarr_store(path, read_only=True), mode="r")[LABEL_ARRAY]
     if not isinstance(array, zarr.Array):
-        raise OutputIncompleteError(f"{path}: {LABEL_ARRAY} is not an array; not a label volume of this pipeline")
+        raise OutputIncompleteError(f"{shown}: {LABEL_ARRAY} is not an array; not a label volume of this pipeline")
     return array
 
 
 def is_label_volume(path: str) -> bool:
     """Whether ``path`` is a volume written by this pipeline (complete or not)."""
-    return _status_of(Path(path)) is not None
+    return _status_of(path) is not None
 
 
-def _verified_record(path: Path) -> dict[str, Any] | None:
-    """The volume's ``pipeline`` record if its signature verifies for this location."""
-    if path.is_symlink() or not (path / "zarr.json").is_file():
-        return None
+def _record(path: str) -> dict[str, Any] | None:
+    """The group's ``pipeline`` attribute as stored (unverified), None if there is none."""
     try:
-        info = json.loads((path / "zarr.json").read_text())["attributes"]["pipeline"]
+        info = json.loads(fs.read_bytes(fs.join(path, "zarr.json")))["attributes"]["pipeline"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return info if ownership.verifies(info, _location(str(path))) else None
+    return info if isinstance(info, dict) else None
 
 
-def _location(path: str) -> str:
-    return os.path.realpath(path)
-
-
-def _status_of(path: Path) -> str | None:
-    if not (path / "zarr.json").is_file():
+def _verified_record(path: str) -> dict[str, Any] | None:
+    """The volume's ``pipeline`` record if its signature verifies for this location."""
+    if fs.is_symlink(path):
         return None
-    try:
-        attrs = zarr.open_group(str(path), mode="r").attrs
-    except Exception:
-        return None
-    info = attrs.get("pipeline")
-    return info.get("status") if isinstance(info, dict) else None
+    info = _record(path)
+    return info if info is not None and ownership.verifies(info, fs.location(path)) else None
+
+
+def _status_of(path: str) -> str | None:
+    info = _record(path)
+    status = info.get("status") if info is not None else None
+    return status if isinstance(status, str) else None
 
 
 @lru_cache(maxsize=8)
 def _open_for_write(path: str, run_id: str, name: str) -> zarr.Array:
-    return zarr.open_array(str(Path(path) / name), mode="r+")
+    return zarr.open_array(store=fs.zarr_store(fs.join(path, name), read_only=False), mode="r+")
 
 
 def _now() -> str:

@@ -2,8 +2,9 @@
 
 Paths are compared after resolving symbolic links and ``..``, and existing files also by
 identity (hard links), so ``out -> data/slide.tif`` or ``data/../data/slide.tif`` is the
-input however it is spelt. An output may not be an input, contain one (overwriting would
-delete it) or lie inside one (a zarr or OME-Zarr input folder).
+input however it is spelt; URLs are compared as keys of the same bucket. An output may not
+be an input, contain one (overwriting would delete it) or lie inside one (a zarr or
+OME-Zarr input folder).
 """
 
 from __future__ import annotations
@@ -13,21 +14,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import OutputExistsError, PipelineError
-
-
-def is_url(path: str) -> bool:
-    return "://" in path
+from . import fs
 
 
 def check_not_an_input(output: str, field: str, inputs: Mapping[str, str | None]) -> None:
     """Refuse an output that is, contains or lies inside any of ``inputs`` (field -> path)."""
-    if is_url(output):
+    if not fs.is_local(output):
+        _check_url_not_an_input(output, field, inputs)
         return
-    out = Path(os.path.realpath(output))
+    out = Path(os.path.realpath(fs.local_path(output)))
     for name, path in inputs.items():
-        if path is None or is_url(path):
+        if path is None or not fs.is_local(path):
             continue
-        source = Path(os.path.realpath(path))
+        source = Path(os.path.realpath(fs.local_path(path)))
         if out == source or _same_file(output, path):
             raise OutputExistsError(
                 f"{field}: {output} is the {name} {path}; refusing to write over an input"
@@ -43,11 +42,39 @@ def check_not_an_input(output: str, field: str, inputs: Mapping[str, str | None]
             )
 
 
+def _check_url_not_an_input(output: str, field: str, inputs: Mapping[str, str | None]) -> None:
+    out = _key(output)
+    for name, path in inputs.items():
+        if path is None or fs.protocol(path) != fs.protocol(output):
+            continue
+        source = _key(path)
+        shown, shown_source = fs.redact(output), fs.redact(path)
+        if out == source:
+            raise OutputExistsError(f"{field}: {shown} is the {name} {shown_source}; refusing to write over an input")
+        if source.startswith(out + "/"):
+            raise OutputExistsError(
+                f"{field}: {shown} contains the {name} {shown_source}; refusing an output that would "
+                f"replace an input"
+            )
+        if out.startswith(source + "/"):
+            raise OutputExistsError(
+                f"{field}: {shown} lies inside the {name} {shown_source}; choose a path outside the inputs"
+            )
+
+
+def _key(url: str) -> str:
+    return fs.redact(url).replace("***@", "").rstrip("/")
+
+
 def check_writable(path: str, field: str) -> None:
-    """The nearest existing folder above ``path`` must be a writable folder on a writable mount."""
-    if is_url(path):
+    """The nearest existing folder above ``path`` must be a writable folder on a writable mount.
+
+    In a store: a writable protocol, and a bucket that exists and these credentials can list.
+    """
+    if not fs.is_local(path):
+        fs.check_store_writable(path, field)
         return
-    p = Path(os.path.abspath(path))
+    p = Path(os.path.abspath(fs.local_path(path)))
     ancestor = p.parent
     while not ancestor.exists() and not ancestor.is_symlink():
         ancestor = ancestor.parent

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import BioimageioConfig, NormalizeConfig
 from ..errors import ModelError
+from ..io import fs
 from .factories import check_factory, resolve_factory
 from .weights import apply_state_dict, load_state_dict_file
 
@@ -55,7 +56,7 @@ class Description:
     normalize: NormalizeConfig | None
     threshold: float | None
     weights: dict[str, Any]
-    folder: Path
+    folder: str  # a path or URL
     name: str
 
 
@@ -76,11 +77,12 @@ def read_description(path: str) -> Description:
 
 
 def _read_description(path: str) -> Description:
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"model.path: file not found: {path}")
+    with fs.storage_errors("model.path", path):
+        if not fs.is_file(path):
+            raise ModelError(f"model.path: file not found: {fs.redact(path)}")
+        text = fs.read_bytes(path)
     try:
-        rdf = yaml.safe_load(p.read_bytes().decode("utf-8"))
+        rdf = yaml.safe_load(text.decode("utf-8"))
     except UnicodeDecodeError:
         raise ModelError(f"model.path: {path} is not UTF-8 text; expected a bioimage.io rdf.yaml") from None
     except yaml.YAMLError as exc:
@@ -104,8 +106,8 @@ def _read_description(path: str) -> Description:
         normalize=_normalization(pre, path),
         threshold=_threshold(post, path),
         weights=rdf.get("weights") or {},
-        folder=p.parent,
-        name=str(rdf.get("name", p.parent.name)),
+        folder=fs.parent(path),
+        name=str(rdf.get("name", fs.name(fs.parent(path)))),
         **fields,
     )
 
@@ -258,12 +260,12 @@ def load_bioimageio(cfg: BioimageioConfig, device: str) -> tuple[nn.Module, Desc
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is deprecated", category=DeprecationWarning)
             try:
-                module = torch.jit.load(str(source), map_location=device)
+                module = torch.jit.load(io.BytesIO(fs.read_bytes(source)), map_location=device)
             except Exception as exc:
                 raise ModelError(f"model.path: {source} is not a TorchScript file: {exc}") from None
     else:
         module = _build_architecture(desc, entry, cfg)
-        apply_state_dict(module, load_state_dict_file(str(source)), str(source), "the described architecture")
+        apply_state_dict(module, load_state_dict_file(source), fs.redact(source), "the described architecture")
     module = AxesAdapter(module.eval(), desc.input_axes, desc.output_axes)
     module = BinaryFromOneChannel(module, desc.threshold if desc.threshold is not None else cfg.threshold)
     return module.to(device).eval(), desc
@@ -324,8 +326,14 @@ def _from_file(desc: Description, source_name: Any, callable_name: str, cfg: Bio
     if not cfg.trust_code:
         raise ModelError(
             f"model.path: {cfg.path}: its architecture is Python code shipped with the model "
-            f"({source.name}); loading it runs that code. Read it, then set model.trust_code: "
+            f"({fs.name(source)}); loading it runs that code. Read it, then set model.trust_code: "
             f"true to allow it, or use the description's torchscript weights (model.weights)"
+        )
+    if not fs.is_local(source):
+        raise ModelError(
+            f"model.path: {fs.redact(cfg.path)}: its architecture source {fs.name(source)} is in a "
+            f"store; Python code is imported only from local files: copy the model folder, or "
+            f"use its torchscript weights (model.weights: torchscript)"
         )
     name = f"bioimageio_arch_{hashlib.sha256(str(source).encode()).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(name, source)
@@ -336,11 +344,11 @@ def _from_file(desc: Description, source_name: Any, callable_name: str, cfg: Bio
     if not hasattr(module, callable_name):
         raise ModelError(f"model.path: {cfg.path}: {source} defines no {callable_name!r}")
     target = getattr(module, callable_name)
-    check_factory(target, f"{source.name}:{callable_name}", "model.path", cfg.path, home=name)
+    check_factory(target, f"{fs.name(source)}:{callable_name}", "model.path", cfg.path, home=name)
     return target
 
 
-def _local(desc: Description, source: Any, what: str) -> Path:
+def _local(desc: Description, source: Any, what: str) -> str:
     if isinstance(source, dict):
         source = source.get("source")
     if not isinstance(source, str) or "://" in source:
@@ -348,18 +356,18 @@ def _local(desc: Description, source: Any, what: str) -> Path:
             f"model.path: {desc.folder}: {what} {source!r} must be a file beside the description "
             f"(nothing is downloaded at run time)"
         )
-    p = desc.folder / source
-    if not p.is_file():
-        raise ModelError(f"model.path: {what} not found: {p}")
+    p = fs.join(desc.folder, *source.split("/"))
+    if not fs.is_file(p):
+        raise ModelError(f"model.path: {what} not found: {fs.redact(p)}")
     return p
 
 
-def _check_sha256(source: Path, expected: str | None, path: str) -> None:
+def _check_sha256(source: str, expected: str | None, path: str) -> None:
     if not expected:
         return
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    digest = fs.file_sha256(source)
     if digest != expected.lower():
-        raise ModelError(f"model.path: {path}: {source.name} has sha256 {digest}, but the description says {expected}")
+        raise ModelError(f"model.path: {path}: {fs.name(source)} has sha256 {digest}, but the description says {expected}")
 
 
 class AxesAdapter(nn.Module):

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from ..config import (
     UNetConfig,
 )
 from ..errors import ModelError
+from ..io import fs
 from ..tiling import NetworkGeometry
 from .bioimageio import load_bioimageio
 from .dilated import DilatedContextNet, dilated_activation_bytes_per_pixel, dilated_geometry
@@ -208,8 +208,4 @@ def _load_bioimageio(cfg: BioimageioConfig, device: str) -> LoadedModel:
 
 
 def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return fs.file_sha256(path)

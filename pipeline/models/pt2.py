@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError, first_line
+from ..io import fs
 
 # Every member torch.export.save writes for one plain program (paths below the archive's root).
 _MEMBER = re.compile(
@@ -89,8 +90,7 @@ def _load(path: str) -> Any:
         raise UnsafeArchive(
             f"this torch ({torch.__version__}) lacks the archive reader it was checked against (2.13)"
         ) from None
-    with open(path, "rb") as f:
-        data = f.read()
+    data = fs.read_bytes(path)
     if not data.startswith(b"PK\x03\x04"):
         raise UnsafeArchive("not a zip archive")
     try:

@@ -7,8 +7,8 @@ give its legal input sizes when the workflow does not declare them.
 
 from __future__ import annotations
 
+import io
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import CustomConfig, ExportConfig, TorchScriptConfig
 from ..errors import ModelError, first_line
+from ..io import fs
 from ..tiling import NetworkGeometry
 from .factories import resolve_factory
 from .pt2 import load_program
@@ -30,7 +31,7 @@ def load_torchscript(cfg: TorchScriptConfig, device: str) -> nn.Module:
         with warnings.catch_warnings():
             # TorchScript is deprecated upstream, but it is what the user chose to give us.
             warnings.filterwarnings("ignore", message=".*is deprecated", category=DeprecationWarning)
-            return torch.jit.load(path, map_location=device).eval()
+            return torch.jit.load(io.BytesIO(fs.read_bytes(path)), map_location=device).eval()
     except Exception as exc:
         raise ModelError(f"model.path: {path} is not a TorchScript file: {first_line(exc)}") from None
 
@@ -115,7 +116,7 @@ def declared_geometry(
             f"model.halo: {cfg.halo} px is smaller than the {trim} px the model itself crops "
             f"from each border (input - output) / 2; the halo must be at least {trim}"
         )
-    name = Path(cfg.path).name if cfg.path else getattr(cfg, "factory", "model")
+    name = fs.name(cfg.path) if cfg.path else getattr(cfg, "factory", "model")
     return NetworkGeometry(
         halo=cfg.halo,
         trim=trim,
@@ -202,6 +203,9 @@ def _user_inputs(program: Any) -> set[str]:
 
 
 def _existing(path: str | None) -> str:
-    if path is None or not Path(path).is_file():
-        raise ModelError(f"model.path: file not found: {path}")
+    if path is None:
+        raise ModelError("model.path: file not found: None")
+    with fs.storage_errors("model.path", path):
+        if not fs.is_file(path):
+            raise ModelError(f"model.path: file not found: {fs.redact(path)}")
     return path

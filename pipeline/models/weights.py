@@ -6,28 +6,32 @@ says how to save plain weights instead.
 
 from __future__ import annotations
 
+import io
 import pickle
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..io import fs
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
-        raise ModelError(f"model.path: file not found: {path}")
-    if Path(path).suffix.lower() == ".safetensors":
+    with fs.storage_errors("model.path", path):
+        if not fs.is_file(path):
+            raise ModelError(f"model.path: file not found: {fs.redact(path)}")
+        data = fs.read_bytes(path)
+    path = fs.redact(path)
+    if fs.suffix(path).lower() == ".safetensors":
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_safetensors
 
         try:
-            return load_file(path, device="cpu")
+            return load_safetensors(data)
         except (SafetensorError, OSError) as exc:
             raise ModelError(f"model.path: {path} is not a safetensors file: {exc}") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ModelError(
             f"model.path: {path} is not a plain state dict: it holds Python objects that "
