@@ -23,7 +23,7 @@ from .evaluation import LabelPair
 from .execution import BlockCounts, execute_blocks
 from .inference import InferenceSpec, measure_batch_size
 from .io import fs
-from .io.images import ImageSpec
+from .io.images import ImageSpec, pinned_version
 from .io.labels import (
     check_run,
     create_label_volume,
@@ -186,7 +186,7 @@ def _run_connected(
         prepared = replace(prepared, plan=make_plan(wf, prepared.image, prepared.model, batch))
         plan = prepared.plan
         print(f"batch      {batch} tiles per forward pass (from free device memory)", file=out, flush=True)
-    image = input_spec(wf)
+    image = pinned_version(input_spec(wf))
     check_output_location(wf)
     fingerprints = run_fingerprints(wf, prepared.model.identity, plan)
     done: set[tuple[int, ...]] = set()

@@ -24,6 +24,7 @@ import re
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -449,8 +450,16 @@ def remove_keys(path: str, keys: list[str]) -> None:
         return
     fs, inner = filesystem(path)
     base = inner.rstrip("/")
-    if keys:
-        fs.rm([f"{base}/{k}" for k in keys])
+    # One DeleteObject per key, in parallel: the batch DeleteObjects call needs a Content-MD5
+    # header that botocore >= 1.36 no longer sends, and S3-compatible servers (Swift, older
+    # Ceph and MinIO) refuse it without one.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda key: _remove_object(fs, f"{base}/{key}"), keys))
+
+
+def _remove_object(fs: AbstractFileSystem, inner: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(inner)
 
 
 def remove_empty_folders(path: str) -> list[str]:

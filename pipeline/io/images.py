@@ -47,6 +47,7 @@ class ImageSpec:
     volume: bool = False  # also accept 3 spatial axes (z, y, x): label volumes for evaluation
     series: int | None = None  # the image series of a TIFF holding several
     storage: fs.StorageRules = dataclasses.field(default_factory=fs.active_rules)  # as where the spec was made
+    version: str | None = None  # of the file, pinned by the driver (pinned_version): workers need not ask
 
 
 class ImageReader:
@@ -127,7 +128,14 @@ def open_image(spec: ImageSpec) -> ImageReader:
     """Open (once per process) the image at ``spec.path``; InputImageError if impossible."""
     fs.use_rules(spec.storage)
     with fs.storage_errors(spec.field, spec.path):
-        return _open_cached(spec, _version(spec))
+        return _open_cached(spec, spec.version or _version(spec))
+
+
+def pinned_version(spec: ImageSpec) -> ImageSpec:
+    """``spec`` with the file's current version: tasks carrying it open the file without a query."""
+    fs.use_rules(spec.storage)
+    with fs.storage_errors(spec.field, spec.path):
+        return spec if spec.version is not None else dataclasses.replace(spec, version=_version(spec))
 
 
 @lru_cache(maxsize=16)
@@ -147,6 +155,10 @@ def _version(spec: ImageSpec) -> str:
 
 
 def _is_zarr(path: str) -> bool:
+    if fs.is_local(path):
+        return fs.is_dir(path)
+    if fs.suffix(path).lower() in TIFF_SUFFIXES + PILLOW_SUFFIXES:
+        return False  # a file by its name: no query
     return _zarr_metadata(path) != path
 
 
@@ -313,12 +325,13 @@ def as_dask_array(spec: ImageSpec, chunks: tuple[int, ...] | None = None) -> da.
 
     Tasks carry only the spec; each worker process opens the file itself on first read.
     """
+    spec = pinned_version(spec)
     source = _LazyImage(spec)
     spatial = chunks or source.chunks
     return da.from_array(
         source,
         chunks=(source.shape[0],) + tuple(spatial),
-        name="image-" + tokenize(spec, _version(spec)),
+        name="image-" + tokenize(spec),
         asarray=False,
     )
 

@@ -480,7 +480,9 @@ def _status_of(path: str) -> str | None:
 
 @lru_cache(maxsize=8)
 def _open_for_write(path: str, run_id: str, name: str) -> zarr.Array:
-    return zarr.open_array(store=fs.zarr_store(fs.join(path, name), read_only=False), mode="r+")
+    # Every chunk is written, also one of zeros: one PUT, never a DELETE (and its listing).
+    array = zarr.open_array(store=fs.zarr_store(fs.join(path, name), read_only=False), mode="r+")
+    return array.with_config({"write_empty_chunks": True})
 
 
 def _now() -> str:

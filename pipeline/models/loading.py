@@ -76,7 +76,7 @@ def load_model(cfg: ModelConfig, device: str = "cpu", *, with_digest: bool = Tru
 
 
 def architecture_params(cfg: ModelConfig) -> dict[str, Any]:
-    skip = {"path", "halo", "normalize", "seed"}
+    skip = {"path", "halo", "normalize", "seed", "storage_options"}
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}
 
 
