@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, TextIO
 
 from . import __version__
 from .errors import PipelineError, RunInterrupted
@@ -19,6 +20,35 @@ from .errors import PipelineError, RunInterrupted
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    with _redacted_output():
+        return _main(args)
+
+
+@contextmanager
+def _redacted_output() -> Iterator[None]:
+    """Whatever this process prints loses credentials embedded in URLs (a last line of defence)."""
+    from .io.fs import redact
+
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Redacting(sys.stdout, redact), _Redacting(sys.stderr, redact)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+class _Redacting:
+    def __init__(self, stream: TextIO, redact: Callable[[str], str]) -> None:
+        self._stream, self._redact = stream, redact
+
+    def write(self, text: str) -> int:
+        return self._stream.write(self._redact(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return int(args.handler(args) or 0)
     except PipelineError as exc:

@@ -233,18 +233,18 @@ def _check_truth(wf: Workflow, image: ImageReader) -> ImageReader:
     truth = open_image(truth_spec(wf))
     if truth.shape != image.shape:
         raise EvaluationError(
-            f"evaluation.ground_truth: {ev.ground_truth} has shape {truth.shape}, "
+            f"evaluation.ground_truth: {fs.redact(ev.ground_truth)} has shape {truth.shape}, "
             f"but the image {fs.redact(wf.input.path)} has spatial shape {image.shape}; expected the same"
         )
     expected_channels = 3 if ev.encoding == "palette" else 1
     if truth.channels != expected_channels:
         raise EvaluationError(
-            f"evaluation.ground_truth: {ev.ground_truth} has {truth.channels} channels; "
+            f"evaluation.ground_truth: {fs.redact(ev.ground_truth)} has {truth.channels} channels; "
             f"encoding {ev.encoding} expects {expected_channels}"
         )
     if ev.encoding != "palette" and not np.issubdtype(truth.dtype, np.integer):
         raise EvaluationError(
-            f"evaluation.ground_truth: {ev.ground_truth}: expected integer class ids, got dtype "
+            f"evaluation.ground_truth: {fs.redact(ev.ground_truth)}: expected integer class ids, got dtype "
             f"{truth.dtype}"
         )
     k = wf.model.num_classes
@@ -339,7 +339,7 @@ def describe_plan(p: Prepared) -> str:
         f"{' x '.join(map(str, plan.block_shape))}, one per block)",
     ]
     if wf.evaluation is not None:
-        lines.append(f"evaluation {wf.evaluation.ground_truth} ({wf.evaluation.encoding}) -> {p.report_path}")
+        lines.append(f"evaluation {fs.redact(wf.evaluation.ground_truth)} ({wf.evaluation.encoding}) -> {fs.redact(p.report_path or '')}")
     lines.append(f"cluster    {p.cluster.describe()}")
     lines += [f"note       {n}" for n in p.notes]
     return "\n".join(lines)

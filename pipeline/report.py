@@ -97,8 +97,8 @@ def summarize(
     doc["per_image"] = [
         {
             "name": r.pair.name,
-            "prediction": r.pair.prediction.path,
-            "ground_truth": r.pair.truth.path,
+            "prediction": fs.redact(r.pair.prediction.path),
+            "ground_truth": fs.redact(r.pair.truth.path),
             "shape": list(r.shape),
             **_brief(scores_from_confusion(r.confusion, spec.absent)),
         }

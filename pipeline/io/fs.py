@@ -39,6 +39,7 @@ from ..errors import PipelineError, StorageError
 
 EDGE_BYTES = 1 << 20
 READ_ONLY_PROTOCOLS = ("http", "https")
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure", "http": "http", "https": "http"}
 # Ranged reads of TIFF headers and tiles: small blocks, read ahead (not fsspec's 50 MiB).
 READ_BLOCK_BYTES = 1 << 20
 # Many small requests in parallel, retried, and an unreachable endpoint found in seconds.
@@ -115,8 +116,12 @@ class StorageRules:
         return cls(json.dumps(dict(default or {}), sort_keys=True), by_path)
 
     def options_for(self, path: str) -> dict[str, Any]:
-        """The options for ``path``: the default, updated by the longest matching prefix's."""
-        options: dict[str, Any] = json.loads(self.default)
+        """The options for ``path``: the default, updated by the longest matching prefix's.
+
+        The default is for object stores (where endpoints and credentials are alike): an
+        ``http(s)://`` URL gets only the options given for its own path.
+        """
+        options: dict[str, Any] = {} if protocol(path) in READ_ONLY_PROTOCOLS else json.loads(self.default)
         matches = [(p, o) for p, o in self.paths if path == p or path.startswith(p.rstrip("/") + "/")]
         if matches:
             _, chosen = max(matches, key=lambda m: len(m[0]))
@@ -180,7 +185,16 @@ def filesystem(path: str) -> tuple[AbstractFileSystem, str]:
     path = os.fspath(path)
     if is_local(path):
         return fsspec.filesystem("file"), os.path.abspath(local_path(path))
-    fs, inner = url_to_fs(path, **storage_options(path))
+    try:
+        fs, inner = url_to_fs(path, **storage_options(path))
+    except ImportError:
+        extra = EXTRAS.get(protocol(path))
+        hint = f"pip install 'gigaseg-pipeline[{extra}]'" if extra else "install the fsspec implementation for it"
+        raise StorageError(f"{redact(path)}: {protocol(path)}:// needs a package that is not installed: {hint}") from None
+    except ValueError as exc:
+        if "protocol" in str(exc).lower():
+            raise StorageError(f"{redact(path)}: unknown protocol {protocol(path)}://; expected a path, file://, s3://, gs://, az://, http(s)://") from None
+        raise
     return fs, inner
 
 
@@ -529,6 +543,10 @@ def storage_errors(field: str, path: str, doing: str = "read") -> Iterator[None]
     """
     try:
         yield
+    except StorageError as exc:
+        if str(exc).startswith(f"{field}: "):
+            raise
+        raise StorageError(f"{field}: {exc}") from None
     except PipelineError:
         raise
     except Exception as exc:

@@ -147,7 +147,7 @@ def _build_builtin(cfg: UNetConfig | DilatedConfig, device: str) -> LoadedModel:
     else:
         what = f"arch {cfg.arch} with {architecture_params(cfg)}"
         apply_state_dict(module, load_state_dict_file(cfg.path), cfg.path, what)
-        identity["weights"] = {"path": cfg.path}
+        identity["weights"] = {"path": fs.redact(cfg.path) if cfg.path else None}
     if isinstance(cfg, UNetConfig):
         geometry = unet_geometry(cfg.depth, cfg.padding)
         act = unet_activation_bytes_per_pixel(cfg.width, cfg.in_channels, cfg.num_classes)
@@ -174,7 +174,7 @@ def _load_declared(cfg: TorchScriptConfig | ExportConfig | CustomConfig, device:
     if cfg.path is None:
         weights: dict[str, Any] = {"untrained": True, "seed": getattr(cfg, "seed", 0)}
     else:
-        weights = {"path": cfg.path}
+        weights = {"path": fs.redact(cfg.path) if cfg.path else None}
     identity = {"arch": cfg.arch, "params": architecture_params(cfg), "weights": weights}
     return LoadedModel(module, geometry, cfg.num_classes, cfg.in_channels, identity, None)
 
@@ -202,7 +202,7 @@ def _load_bioimageio(cfg: BioimageioConfig, device: str) -> LoadedModel:
     identity = {
         "arch": "bioimageio",
         "params": architecture_params(cfg),
-        "weights": {"path": cfg.path, "description": desc.name, "format_version": desc.version},
+        "weights": {"path": fs.redact(cfg.path) if cfg.path else None, "description": desc.name, "format_version": desc.version},
     }
     return LoadedModel(module, geometry, cfg.num_classes, cfg.in_channels, identity, None, desc.normalize)
 
