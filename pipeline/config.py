@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from .errors import WorkflowError
+from .io import fs
 from .mirror import MirrorMode
 
 
@@ -566,16 +567,16 @@ class Workflow(Section):
 
 
 def load_workflow(path: str | Path) -> Workflow:
-    """Read, validate and resolve a workflow file; raise WorkflowError naming every problem."""
-    path = Path(path)
+    """Read, validate and resolve a workflow file (a path or URL); raise WorkflowError naming every problem."""
+    path = str(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = fs.read_bytes(path).decode("utf-8")
     except FileNotFoundError:
         raise WorkflowError(f"{path}: workflow file not found") from None
     except IsADirectoryError:
         raise WorkflowError(f"{path}: is a folder, expected a workflow YAML file") from None
     except OSError as exc:
-        raise WorkflowError(f"{path}: cannot read workflow file: {exc.strerror}") from None
+        raise WorkflowError(f"{fs.redact(path)}: cannot read workflow file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise WorkflowError(
             f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
@@ -605,11 +606,12 @@ def parse_workflow(raw: object, source: str | Path = "<memory>") -> Workflow:
     except ValidationError as exc:
         lines = [format_error(source, err) for err in exc.errors()]
         raise WorkflowError("\n".join(lines)) from None
-    base = Path(source).parent if source != "<memory>" else Path.cwd()
-    return _resolve_paths(workflow, base, str(source))
+    source = str(source)
+    base = str(Path.cwd()) if source == "<memory>" else fs.parent(source)
+    return _resolve_paths(workflow, base, source)
 
 
-def _resolve_paths(wf: Workflow, base: Path, source: str) -> Workflow:
+def _resolve_paths(wf: Workflow, base: str, source: str) -> Workflow:
     def fix(section: BaseModel | None, key: str) -> BaseModel | None:
         if section is None or getattr(section, key, None) is None:
             return section
@@ -628,11 +630,14 @@ def _resolve_paths(wf: Workflow, base: Path, source: str) -> Workflow:
     return resolved
 
 
-def resolve_path(value: str, base: Path) -> str:
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value):
+def resolve_path(value: str, base: str | Path) -> str:
+    """``value`` as written if a URL or absolute, else relative to ``base`` (a folder or URL prefix)."""
+    if fs.is_url(value):
         return value
+    if fs.is_url(str(base)):
+        return fs.join(str(base), value)
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
+    return str(p if p.is_absolute() else (Path(base) / p).resolve())
 
 
 def _union_members() -> dict[str, dict[str, type[BaseModel]]]:

@@ -8,6 +8,7 @@ the demo needs no download and its IoU is measured against a known truth.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import tifffile
 from scipy import ndimage
 
 from .errors import PipelineError
+from .io import fs
 
 CELL_SPACING = 64  # pixels between cell centres, on average
 TIFF_TILE = (256, 256)
@@ -58,7 +60,7 @@ def write_demo_data(folder: str | Path, size: int = 4096, seed: int = 0, overwri
     """
     folder = Path(folder)
     image_path, labels_path = folder / "image.tif", folder / "labels.tif"
-    existing = [p for p in (image_path, labels_path) if p.exists() or p.is_symlink()]
+    existing = [p for p in (image_path, labels_path) if fs.exists(str(p))]
     if len(existing) == 2 and _tiff_shape(image_path) == (size, size) == _tiff_shape(labels_path):
         return [image_path, labels_path]
     if existing and not overwrite:
@@ -67,12 +69,12 @@ def write_demo_data(folder: str | Path, size: int = 4096, seed: int = 0, overwri
             f"pass --overwrite to replace it, or choose another folder"
         )
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        fs.make_parent_folders(str(image_path))
         image, labels = make_demo_image(size, seed)
         for path, data in ((image_path, image), (labels_path, labels)):
-            tmp = path.with_name(path.name + ".tmp")
-            tifffile.imwrite(tmp, data, tile=TIFF_TILE, compression="zlib")
-            tmp.replace(path)
+            encoded = io.BytesIO()
+            tifffile.imwrite(encoded, data, tile=TIFF_TILE, compression="zlib")
+            fs.put_bytes(str(path), encoded.getvalue())  # atomic: never half a demo image
     except OSError as exc:
         raise PipelineError(f"demo-data: cannot write into {folder}: {exc.strerror or exc}") from None
     return [image_path, labels_path]
@@ -80,7 +82,7 @@ def write_demo_data(folder: str | Path, size: int = 4096, seed: int = 0, overwri
 
 def _tiff_shape(path: Path) -> tuple[int, ...] | None:
     try:
-        with tifffile.TiffFile(path) as tif:
+        with fs.open_read(str(path)) as f, tifffile.TiffFile(f) as tif:
             return tuple(tif.series[0].shape)
     except Exception:
         return None

@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from distributed import Client
 
 from ..config import AddressClusterConfig
 from ..errors import PipelineError
+from ..io import fs
 from .shape import ClusterShape
 
 CONNECT_TIMEOUT = "30s"
@@ -35,7 +35,7 @@ def shape(cfg: AddressClusterConfig, device: str) -> ClusterShape:
 
 
 def check(cfg: AddressClusterConfig, device: str, task_bytes: int) -> ClusterShape:
-    if cfg.scheduler_file is not None and not Path(cfg.scheduler_file).is_file():
+    if cfg.scheduler_file is not None and not fs.is_file(cfg.scheduler_file):
         raise PipelineError(
             f"cluster.scheduler_file: {cfg.scheduler_file} does not exist; start the scheduler "
             f"with `dask scheduler --scheduler-file {cfg.scheduler_file}` first"

@@ -526,7 +526,10 @@ def check_store_writable(path: str, field: str) -> None:
     bucket = inner.split("/", 1)[0]
     with storage_errors(field, path, "write"):
         try:
-            fsys.ls(bucket, detail=False)
+            if hasattr(fsys, "call_s3"):  # one request, however large the bucket
+                fsys.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
+            else:
+                fsys.ls(bucket, detail=False)
         except FileNotFoundError:
             raise StorageError(f"{field}: {redact(path)}: cannot write: the bucket {bucket!r} does not exist") from None
         fsys.invalidate_cache()
