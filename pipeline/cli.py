@@ -202,6 +202,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--image", default=None, help="the input image, for the preview")
     ev.add_argument("--image-channel-axis", type=int, default=None)
     ev.add_argument("--overwrite", action="store_true", help="replace existing report files")
+    ev.add_argument(
+        "--storage-options",
+        default=None,
+        metavar="JSON",
+        help="fsspec options for every store URL, e.g. '{\"endpoint_url\": \"https://s3.example.org\"}' "
+        "(credentials: from the environment or a profile)",
+    )
     ev.set_defaults(handler=_evaluate)
 
     demo = sub.add_parser(

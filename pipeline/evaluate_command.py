@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import dask
 import yaml
@@ -20,6 +21,7 @@ from .scorecard import ReportFiles, evaluate_and_report
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
+    fs.use_rules(fs.StorageRules.build(_storage_options(args.storage_options), {}))
     cfg = _config(args)
     axis = -1 if cfg.encoding == "palette" else None
     pairs = pair_paths(
@@ -119,6 +121,18 @@ def _check_report_paths(files: ReportFiles, pairs: list[LabelPair], args: argpar
             if fs.is_dir(path):
                 raise OutputExistsError(f"{flag}: {fs.redact(path)} is a folder; expected a file name")
         check_writable(path, flag)
+
+
+def _storage_options(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except ValueError as exc:
+        raise PipelineError(f"--storage-options: not JSON ({exc}); expected an object such as '{{\"anon\": true}}'") from None
+    if not isinstance(options, dict):
+        raise PipelineError(f"--storage-options: expected a JSON object, got {type(options).__name__}")
+    return options
 
 
 def _path(value: str | None) -> str | None:

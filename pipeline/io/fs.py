@@ -40,8 +40,9 @@ from ..errors import PipelineError, StorageError
 EDGE_BYTES = 1 << 20
 READ_ONLY_PROTOCOLS = ("http", "https")
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure", "http": "http", "https": "http"}
-# Ranged reads of TIFF headers and tiles: small blocks, read ahead (not fsspec's 50 MiB).
-READ_BLOCK_BYTES = 1 << 20
+# Ranged reads: the first 256 KiB (a TIFF's header, and its IFD when written first) are kept;
+# every other read is one GET of exactly its bytes (a tile or strip), with no read-ahead.
+READ_BLOCK_BYTES = 256 << 10
 # Many small requests in parallel, retried, and an unreachable endpoint found in seconds.
 S3_DEFAULTS: dict[str, Any] = {
     "config_kwargs": {
@@ -395,13 +396,13 @@ def location(path: str) -> str:
 # -- reading ---------------------------------------------------------------------------
 
 
-def open_read(path: str, block_size: int = READ_BLOCK_BYTES) -> IO[bytes]:
-    """A seekable binary file; on a store every read is a ranged GET (read ahead a little)."""
+def open_read(path: str, block_size: int = READ_BLOCK_BYTES, cache_type: str = "first") -> IO[bytes]:
+    """A seekable binary file; in a store each read is a ranged GET, the file's start is cached."""
     path = os.fspath(path)
     if is_local(path):
         return open(local_path(path), "rb")
     fs, inner = filesystem(path)
-    return fs.open(inner, "rb", block_size=block_size, cache_type="readahead")
+    return fs.open(inner, "rb", block_size=block_size, cache_type=cache_type)
 
 
 def read_bytes(path: str) -> bytes:
@@ -415,7 +416,7 @@ def read_bytes(path: str) -> bytes:
 def file_sha256(path: str) -> str:
     path = os.fspath(path)
     digest = hashlib.sha256()
-    with open_read(path, block_size=8 << 20) as f:
+    with open_read(path, block_size=8 << 20, cache_type="readahead") as f:
         for chunk in iter(lambda: f.read(8 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -432,6 +433,7 @@ def put_bytes(path: str, data: bytes) -> None:
     path = os.fspath(path)
     if is_local(path):
         p = Path(local_path(path))
+        p.parent.mkdir(parents=True, exist_ok=True)  # as a store would: keys need no folders
         tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             tmp.write_bytes(data)

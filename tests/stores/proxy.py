@@ -21,6 +21,7 @@ class Request:
     path: str
     query: str
     range_start: int | None
+    sent: list[int]  # bytes of the response body (one element, filled in when answered)
 
 
 class CountingProxy:
@@ -40,9 +41,8 @@ class CountingProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 match = re.match(r"bytes=(\d+)-", self.headers.get("Range", ""))
-                proxy.requests.append(
-                    Request(self.command, url.path, url.query, int(match.group(1)) if match else None)
-                )
+                request = Request(self.command, url.path, url.query, int(match.group(1)) if match else None, [])
+                proxy.requests.append(request)
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
                 conn.request(self.command, self.path, body=body, headers=headers)
@@ -58,6 +58,7 @@ class CountingProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    request.sent.append(len(data))
                 conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward

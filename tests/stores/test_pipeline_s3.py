@@ -26,6 +26,8 @@ import zarr
 import zarr.storage
 
 from pipeline.config import UNetConfig
+from pipeline.io import fs
+from pipeline.io.images import ImageSpec, open_image
 from pipeline.models.loading import load_model
 from tests.helpers import REPO, box_filter_reference
 from tests.stores.conftest import S3Server, new_bucket, remove_bucket
@@ -274,5 +276,24 @@ def test_sharded_output_on_a_store_writes_one_object_per_block(tmp_path, moto_s3
         assert meta["codecs"][0]["name"] == "sharding_indexed"
         assert meta["codecs"][0]["configuration"]["chunk_shape"] == [16, 16]
         np.testing.assert_array_equal(_labels(moto_s3, bucket), _reference())
+    finally:
+        remove_bucket(moto_s3, bucket)
+
+
+def test_a_region_of_a_tiff_in_a_store_is_read_with_ranged_requests_not_downloaded(tmp_path, moto_s3: S3Server) -> None:
+    image = np.random.default_rng(4).integers(0, 255, (2048, 2048), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "big.tif", image, tile=(256, 256), compression="zlib")
+    size = (tmp_path / "big.tif").stat().st_size
+    bucket = new_bucket(moto_s3)
+    try:
+        moto_s3.filesystem().put_file(str(tmp_path / "big.tif"), f"{bucket}/big.tif")
+        with CountingProxy(moto_s3.endpoint_url) as proxy:
+            options = {"endpoint_url": proxy.url, "key": moto_s3.key, "secret": moto_s3.secret, "skip_instance_cache": True}
+            with fs.rules_applied(fs.StorageRules.build(options, {})):
+                reader = open_image(ImageSpec(f"s3://{bucket}/big.tif"))
+                region = reader.read((slice(1000, 1300), slice(500, 700)))
+            np.testing.assert_array_equal(region[0], image[1000:1300, 500:700])
+            got = sum(sum(r.sent) for r in proxy.requests if r.method == "GET")
+        assert got < size / 4, (got, size, [(r.range_start, r.sent) for r in proxy.requests])  # the header, the offsets and the 4 tiles, not the file
     finally:
         remove_bucket(moto_s3, bucket)
