@@ -53,14 +53,15 @@ def make_demo_image(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return image, labels
 
 
-def write_demo_data(folder: str | Path, size: int = 4096, seed: int = 0, overwrite: bool = False) -> list[Path]:
+def write_demo_data(folder: str | Path, size: int = 4096, seed: int = 0, overwrite: bool = False) -> list[str]:
     """Write ``image.tif`` and ``labels.tif`` (tiled, deflate) unless they already exist.
 
-    Existing files of another size are replaced only with ``overwrite``: they may not be ours.
+    ``folder`` may be a store URL. Existing files of another size are replaced only with
+    ``overwrite``: they may not be ours.
     """
-    folder = Path(folder)
-    image_path, labels_path = folder / "image.tif", folder / "labels.tif"
-    existing = [p for p in (image_path, labels_path) if fs.exists(str(p))]
+    folder = str(folder)
+    image_path, labels_path = fs.join(folder, "image.tif"), fs.join(folder, "labels.tif")
+    existing = [p for p in (image_path, labels_path) if fs.exists(p)]
     if len(existing) == 2 and _tiff_shape(image_path) == (size, size) == _tiff_shape(labels_path):
         return [image_path, labels_path]
     if existing and not overwrite:
@@ -69,20 +70,20 @@ def write_demo_data(folder: str | Path, size: int = 4096, seed: int = 0, overwri
             f"pass --overwrite to replace it, or choose another folder"
         )
     try:
-        fs.make_parent_folders(str(image_path))
+        fs.make_parent_folders(image_path)
         image, labels = make_demo_image(size, seed)
         for path, data in ((image_path, image), (labels_path, labels)):
             encoded = io.BytesIO()
             tifffile.imwrite(encoded, data, tile=TIFF_TILE, compression="zlib")
-            fs.put_bytes(str(path), encoded.getvalue())  # atomic: never half a demo image
+            fs.put_bytes(path, encoded.getvalue())  # atomic: never half a demo image
     except OSError as exc:
-        raise PipelineError(f"demo-data: cannot write into {folder}: {exc.strerror or exc}") from None
+        raise PipelineError(f"demo-data: cannot write into {fs.redact(folder)}: {exc.strerror or exc}") from None
     return [image_path, labels_path]
 
 
-def _tiff_shape(path: Path) -> tuple[int, ...] | None:
+def _tiff_shape(path: str) -> tuple[int, ...] | None:
     try:
-        with fs.open_read(str(path)) as f, tifffile.TiffFile(f) as tif:
+        with fs.open_read(path) as f, tifffile.TiffFile(f) as tif:
             return tuple(tif.series[0].shape)
     except Exception:
         return None

@@ -221,6 +221,17 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
     return prepared
 
 
+def _layout(wf: Workflow, block: tuple[int, ...]) -> str:
+    """How the label array is stored: chunks per block, and shards."""
+    blocks = " x ".join(map(str, block))
+    chunk = wf.output.chunk
+    if chunk is None:
+        return f"chunks {blocks}, {'one shard of one chunk' if wf.output.shard else 'one'} per block"
+    per_block = int(np.prod([-(-b // chunk) for b in block]))
+    where = f"in one shard per block of {blocks}" if wf.output.shard else f"{per_block} per block of {blocks}"
+    return f"chunks {' x '.join([str(chunk)] * len(block))}, {where}"
+
+
 def _divisor_near(block: tuple[int, ...], chunk: int) -> int:
     edge = min(block)
     divisors = [d for d in range(16, edge + 1) if all(b % d == 0 for b in block)] or [edge]
@@ -335,8 +346,7 @@ def describe_plan(p: Prepared) -> str:
         f"channels_last {wf.inference.channels_last}, test-time augmentation {wf.inference.tta}",
         f"memory     ~{format_bytes(estimate_task_bytes(p))} per task"
         + ("" if p.model.activation_bytes_per_pixel else " + model activations (unknown for a model declared by file)"),
-        f"output     {fs.redact(wf.output.path)} ({p.label_dtype}, chunks "
-        f"{' x '.join(map(str, plan.block_shape))}, one per block)",
+        f"output     {fs.redact(wf.output.path)} ({p.label_dtype}, {_layout(wf, plan.block_shape)})",
     ]
     if wf.evaluation is not None:
         lines.append(f"evaluation {fs.redact(wf.evaluation.ground_truth)} ({wf.evaluation.encoding}) -> {fs.redact(p.report_path or '')}")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pipeline.errors import StorageError
 from pipeline.io import fs
-from tests.stores.conftest import S3Server, aws_isolated, moto_s3, new_bucket, remove_bucket  # noqa: F401 (fixtures)
+from tests.stores.conftest import S3Server, new_bucket, remove_bucket
 
 
 @pytest.mark.parametrize(

@@ -106,12 +106,13 @@ def test_run_from_s3_tiff_and_zarr_with_s3_model_truth_and_output_equals_the_loc
     truth = (image > 90).astype(np.uint8)
     tifffile.imwrite(tmp_path / "img.tif", image, tile=(32, 32), compression="zlib")
     tifffile.imwrite(tmp_path / "truth.tif", truth)
+    tifffile.imwrite(tmp_path / "mask.tif", (np.arange(SHAPE[0])[:, None] < 20).repeat(SHAPE[1], 1).astype(np.uint8))
     zarr.create_array(str(tmp_path / "img.zarr"), data=image, chunks=(64, 64))
     cfg = {"arch": "unet", "depth": 2, "width": 4, "num_classes": 2, "normalize": {"mean": MEAN, "std": 40}}
     net = load_model(UNetConfig.model_validate({**cfg, "seed": 7})).module  # weights unlike the seed-0 default
     torch.save(net.state_dict(), tmp_path / "unet.pt")
     fs = swift_s3.filesystem()
-    for name in ("img.tif", "truth.tif", "unet.pt"):
+    for name in ("img.tif", "truth.tif", "mask.tif", "unet.pt"):
         fs.put_file(str(tmp_path / name), f"{swift_bucket}/in/{name}")
     fs.put(str(tmp_path / "img.zarr"), f"{swift_bucket}/in/img.zarr", recursive=True)
 
@@ -121,7 +122,7 @@ def test_run_from_s3_tiff_and_zarr_with_s3_model_truth_and_output_equals_the_loc
             "model": {**cfg, "path": model_path},
             "tiling": {"tile": TILE},
             "output": {"path": out},
-            "evaluation": {"ground_truth": truth_path},
+            "evaluation": {"ground_truth": truth_path, "ignore_mask": truth_path.replace("truth", "mask")},
             "cluster": {"n_workers": 2, "threads_per_worker": 1},
         }
 
@@ -142,6 +143,7 @@ def test_run_from_s3_tiff_and_zarr_with_s3_model_truth_and_output_equals_the_loc
         report = json.loads(fs.cat_file(f"{swift_bucket}/{stem}.evaluation.json"))
         local_report = json.loads((tmp_path / "out" / "labels.evaluation.json").read_text())
         assert report["pooled"] == local_report["pooled"]
+        assert report["pooled"]["pixels_evaluated"] == (SHAPE[0] - 20) * SHAPE[1]  # the ignore mask was read
         assert fs.exists(f"{swift_bucket}/{stem}.run.json") and fs.exists(f"{swift_bucket}/{stem}.preview.png")
         assert not fs.exists(f"{swift_bucket}/.{out.split('/')[-1]}.lock")  # the lock object is gone
 
