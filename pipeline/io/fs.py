@@ -202,12 +202,19 @@ def filesystem(path: str) -> tuple[AbstractFileSystem, str]:
 # -- queries ---------------------------------------------------------------------------
 
 
+def _fresh(path: str) -> tuple[AbstractFileSystem, str]:
+    """The store's answer now: workers write the same prefixes, so no listing cached earlier."""
+    fs, inner = filesystem(path)
+    fs.invalidate_cache(inner)
+    return fs, inner
+
+
 def exists(path: str) -> bool:
     path = os.fspath(path)
     if is_local(path):
         p = local_path(path)
         return os.path.exists(p) or os.path.islink(p)
-    fs, inner = filesystem(path)
+    fs, inner = _fresh(path)
     return bool(fs.exists(inner))
 
 
@@ -215,7 +222,7 @@ def is_dir(path: str) -> bool:
     path = os.fspath(path)
     if is_local(path):
         return os.path.isdir(local_path(path))
-    fs, inner = filesystem(path)
+    fs, inner = _fresh(path)
     return bool(fs.isdir(inner))
 
 
@@ -223,7 +230,7 @@ def is_file(path: str) -> bool:
     path = os.fspath(path)
     if is_local(path):
         return os.path.isfile(local_path(path))
-    fs, inner = filesystem(path)
+    fs, inner = _fresh(path)
     return bool(fs.isfile(inner))
 
 
@@ -237,7 +244,7 @@ def version_token(path: str) -> str:
     path = os.fspath(path)
     if is_local(path):
         return str(os.stat(local_path(path)).st_mtime_ns)
-    fs, inner = filesystem(path)
+    fs, inner = _fresh(path)
     info = fs.info(inner)
     return str(_etag(info) or info.get("mtime") or info.get("LastModified") or info.get("size"))
 
@@ -273,7 +280,7 @@ def fingerprint(path: str) -> str:
         digest.update(f"{st.st_size}\0{st.st_mtime_ns}\n".encode())
         size = st.st_size
     else:
-        fs, inner = filesystem(path)
+        fs, inner = _fresh(path)
         if fs.isdir(inner):
             for key, info in sorted(fs.find(inner, detail=True).items()):
                 rel = PurePosixPath(key).relative_to(inner.rstrip("/"))
@@ -297,7 +304,7 @@ def glob(pattern: str) -> list[str]:
         import glob as globlib
 
         return sorted(globlib.glob(local_path(pattern), recursive=True))
-    fs, inner = filesystem(pattern)
+    fs, inner = _fresh(pattern)
     return sorted(_unstrip(pattern, fs, p) for p in fs.glob(inner))
 
 
@@ -307,7 +314,7 @@ def files_under(path: str) -> list[str]:
     if is_local(path):
         root = local_path(path)
         return sorted(str(Path(folder) / name) for folder, _, names in os.walk(root) for name in names)
-    fs, inner = filesystem(path)
+    fs, inner = _fresh(path)
     return sorted(_unstrip(path, fs, p) for p in fs.find(inner))
 
 
@@ -338,7 +345,7 @@ def entries(path: str) -> list[Entry]:
                 found.append(Entry((rel / name).as_posix(), name in dirs, entry.is_symlink()))
             dirs[:] = [d for d in dirs if not (Path(folder) / d).is_symlink()]
         return found
-    fs, inner = filesystem(path)
+    fs, inner = _fresh(path)
     base = inner.rstrip("/")
     return [Entry(PurePosixPath(k).relative_to(base).as_posix()) for k in fs.find(base)]
 
