@@ -29,6 +29,9 @@ def _redacted_output() -> Iterator[None]:
     """Whatever this process prints loses credentials embedded in URLs (a last line of defence)."""
     from .io.fs import redact
 
+    from .log_redaction import install
+
+    install()
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Redacting(sys.stdout, redact), _Redacting(sys.stderr, redact)
     try:

@@ -9,7 +9,8 @@ Runs in each worker process before its first task:
 * **Ctrl-C** is ignored: a Ctrl-C in a terminal reaches every process of the foreground
   group, and the driver alone handles it (cancels the run, stops the workers);
 * **no orphans**: a worker whose parent (the driver's nanny, or ``dask worker``) dies,
-  even by SIGKILL, exits within a second instead of running on.
+  even by SIGKILL, exits within a second instead of running on;
+* **no credentials in logs**: URLs in log records lose their user info (:mod:`.log_redaction`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import threading
 import time
 from typing import Any
 
+from . import log_redaction
 from .cluster.environment import TORCH_THREADS, WORKERS_ON_NODE
 from .cluster.gpus import device_for_worker, visible_devices
 
@@ -37,6 +39,7 @@ def dask_setup(worker: Any) -> None:
 
         torch.set_num_threads(int(threads))
     _watch_parent(os.getppid())
+    log_redaction.install()
 
 
 def _pin_gpu(name: object) -> None:
