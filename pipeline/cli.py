@@ -28,7 +28,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _redacted_output() -> Iterator[None]:
     """Whatever this process prints loses credentials embedded in URLs (a last line of defence)."""
     from .io.fs import redact
-
     from .log_redaction import install
 
     install()
