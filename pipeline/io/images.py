@@ -170,7 +170,7 @@ def _zarr_metadata(path: str) -> str:
         candidate = fs.join(path, name)
         if fs.is_file(candidate):
             return candidate
-    return fs.join(path, "zarr.json") if fs.is_local(path) else path
+    return path  # a folder that is no zarr: its own version; opening it says what is wrong
 
 
 def _open_array(spec: ImageSpec) -> tuple[zarr.Array | _InMemoryArray, object]:
