@@ -100,8 +100,9 @@ def storage_rules(wf: Workflow) -> fs.StorageRules:
         **{report: out for report in report_files(wf)},
         store_lock_path(wf.output.path): out,
     }
-    if wf.model.path is not None:
-        per_path[wf.model.path] = wf.model.storage_options
+    if wf.model.path is not None:  # a bioimage.io description reads its weights from beside it
+        model_files = fs.parent(wf.model.path) if wf.model.arch == "bioimageio" else wf.model.path
+        per_path[model_files] = wf.model.storage_options
     ev = wf.evaluation
     if ev is not None:
         per_path[ev.ground_truth] = ev.storage_options
