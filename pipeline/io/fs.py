@@ -44,7 +44,11 @@ EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "ab
 # every other read is one GET of exactly its bytes (a tile or strip), with no read-ahead.
 READ_BLOCK_BYTES = 256 << 10
 # Many small requests in parallel, retried, and an unreachable endpoint found in seconds.
+# max_concurrency 1: s3fs otherwise sends a HEAD before every whole-object GET (to split large
+# objects into parallel ranges), doubling the requests of every chunk read; the parallelism
+# comes from the many tasks.
 S3_DEFAULTS: dict[str, Any] = {
+    "max_concurrency": 1,
     "config_kwargs": {
         "connect_timeout": 5,
         "read_timeout": 60,

@@ -148,9 +148,11 @@ def test_run_from_s3_tiff_and_zarr_with_s3_model_truth_and_output_equals_the_loc
         assert not fs.exists(f"{swift_bucket}/.{out.split('/')[-1]}.lock")  # the lock object is gone
 
 
-def _box_workflow(tmp_path: Path, server: S3Server, bucket: str, seconds: float = 0.0, **output: object) -> str:
+def _box_workflow(
+    tmp_path: Path, server: S3Server, bucket: str, seconds: float = 0.0, source: str = "img.tif", **output: object
+) -> str:
     doc = {
-        "input": {"path": f"s3://{bucket}/img.tif"},
+        "input": {"path": f"s3://{bucket}/{source}"},
         "model": _box_model(tmp_path, seconds),
         "tiling": {"tile": TILE},
         "output": {"path": f"s3://{bucket}/out/labels.zarr", **output},
@@ -231,25 +233,35 @@ def test_overwrite_on_a_store_deletes_only_our_volume_and_refuses_a_foreign_pref
     np.testing.assert_array_equal(_labels(swift_s3, swift_bucket), _reference())
 
 
-def test_a_run_reads_the_tiff_header_a_bounded_number_of_times_and_lists_nothing_per_block(
-    tmp_path, moto_s3: S3Server
+@pytest.mark.parametrize("source", ["img.tif", "img.zarr"])
+def test_a_run_reads_the_input_header_a_bounded_number_of_times_and_lists_nothing_per_block(
+    source: str, tmp_path, moto_s3: S3Server
 ) -> None:
-    """Two runs, one with 4x the blocks of the other: header reads and listings do not grow."""
+    """Two runs, one with 4x the blocks of the other: header reads and listings do not grow.
+
+    The header of a TIFF is its first bytes; a zarr array's is its ``zarr.json``. Every
+    block's own reads (tiles or chunks) are single GETs, never a listing.
+    """
     counts = {}
     for scale in (1, 2):
         bucket = new_bucket(moto_s3)
         try:
             image = np.random.default_rng(1).integers(0, 200, (96 * scale, 96 * scale), dtype=np.uint8)
             _upload_image(moto_s3, bucket, tmp_path, image)
+            if source == "img.zarr":
+                zarr.create_array(str(tmp_path / "img.zarr"), data=image, chunks=(32, 32), overwrite=True)
+                moto_s3.filesystem().put(str(tmp_path / "img.zarr"), f"{bucket}/img.zarr", recursive=True)
             with CountingProxy(moto_s3.endpoint_url) as proxy:
                 server = S3Server(**{**moto_s3.__dict__, "endpoint_url": proxy.url})
-                wf = _box_workflow(tmp_path, server, bucket)
+                wf = _box_workflow(tmp_path, server, bucket, source=source)
                 proc = _run("run", wf)
                 assert proc.returncode == 0, proc.stderr
                 requests = list(proxy.requests)
-            tiff = [r for r in requests if r.method == "GET" and r.path == f"/{bucket}/img.tif"]
+            inputs = [r for r in requests if r.path.startswith(f"/{bucket}/{source}")]
+            header = [r for r in inputs if (r.path.endswith("zarr.json") if source == "img.zarr" else r.range_start in (None, 0))]
             counts[scale] = {
-                "header reads": sum(1 for r in tiff if r.range_start in (None, 0)),
+                "header reads": sum(1 for r in header if r.method == "GET"),
+                "existence and version queries": sum(1 for r in inputs if r.method == "HEAD"),
                 "listings": sum(1 for r in requests if r.method == "GET" and "list-type=2" in r.query),
                 "label chunk writes": sum(
                     1 for r in requests if r.method == "PUT" and r.path.startswith(f"/{bucket}/out/labels.zarr/0/c/")
@@ -259,9 +271,9 @@ def test_a_run_reads_the_tiff_header_a_bounded_number_of_times_and_lists_nothing
             remove_bucket(moto_s3, bucket)
     blocks = {scale: (96 * scale // TILE) ** 2 for scale in (1, 2)}
     assert counts[1]["label chunk writes"] == blocks[1] and counts[2]["label chunk writes"] == blocks[2]
-    for what in ("header reads", "listings"):
+    for what in ("header reads", "existence and version queries", "listings"):
         assert counts[2][what] == counts[1][what], (what, counts)  # not per block
-    assert counts[2]["header reads"] <= 4, counts  # the driver and each worker process, once
+    assert counts[2]["header reads"] <= 6, counts  # the driver and each worker process, once or twice
 
 
 def test_sharded_output_on_a_store_writes_one_object_per_block(tmp_path, moto_s3: S3Server) -> None:
