@@ -66,7 +66,7 @@ def test_no_secret_appears_in_any_output_line_report_record_or_attribute(
                 "storage_options": {"key": "option-key", "secret": OPTION_SECRET},
             },
             "evaluation": {"ground_truth": f"http://reader:{URL_PASSWORD}@127.0.0.1:{port}/truth.png"},
-            "cluster": {"n_workers": 2, "threads_per_worker": 1},
+            "cluster": {"n_workers": 1, "threads_per_worker": 1},
         }
         (tmp_path / "wf.yaml").write_text(yaml.safe_dump(doc))
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "env-key", "AWS_SECRET_ACCESS_KEY": ENV_SECRET}
