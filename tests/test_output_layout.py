@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
+import yaml
+import zarr
 
 from pipeline.config import parse_workflow
 from pipeline.errors import PipelineError
 from pipeline.planning import describe_plan, prepare, storage_rules
+
+PIPELINE = str(Path(sys.executable).parent / "pipeline")
 
 
 def _workflow(tmp_path, **output):
@@ -37,6 +45,28 @@ def test_a_chunk_that_does_not_divide_the_block_is_refused_with_a_divisor(tmp_pa
 )
 def test_plan_says_how_the_labels_are_stored(tmp_path, output, described) -> None:
     assert f"(uint8, {described})" in describe_plan(prepare(_workflow(tmp_path, **output)))
+
+
+def test_a_run_with_smaller_chunks_writes_whole_chunks_and_the_same_labels(tmp_path) -> None:
+    image = np.random.default_rng(0).integers(0, 255, (128, 96), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    labels = {}
+    for name, output in (("blocks", {}), ("chunks", {"chunk": 16})):
+        raw = {
+            "input": {"path": "img.tif"},
+            "model": {"arch": "unet", "depth": 2, "width": 2, "num_classes": 2, "normalize": {"mean": 120, "std": 40}},
+            "tiling": {"tile": 64},
+            "output": {"path": f"{name}.zarr", **output},
+            "cluster": {"n_workers": 1, "threads_per_worker": 1},
+        }
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+        proc = subprocess.run(
+            [PIPELINE, "run", str(tmp_path / f"{name}.yaml")], capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr
+        labels[name] = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="r")["0"]
+    assert labels["chunks"].chunks == (16, 16) and labels["blocks"].chunks == (64, 64)
+    np.testing.assert_array_equal(labels["chunks"][:], labels["blocks"][:])
 
 
 def test_storage_rules_cover_every_path_and_a_bioimageio_model_folder(tmp_path) -> None:

@@ -397,11 +397,15 @@ def location(path: str) -> str:
     path = os.fspath(path)
     if is_local(path):
         return os.path.realpath(local_path(path))
-    endpoint = storage_options(path).get("endpoint_url") or storage_options(path).get("client_kwargs", {}).get(
-        "endpoint_url"
-    )
-    url = redact(path).replace("***@", "").rstrip("/")
+    options = storage_options(path)
+    endpoint = options.get("endpoint_url") or options.get("client_kwargs", {}).get("endpoint_url")
+    url = bare_url(path)
     return f"{url} at {endpoint}" if endpoint else url
+
+
+def bare_url(url: str) -> str:
+    """``url`` without credentials and without a trailing ``/``: the key it names."""
+    return _URL_USERINFO.sub(r"\g<scheme>", url).rstrip("/")
 
 
 # -- reading ---------------------------------------------------------------------------

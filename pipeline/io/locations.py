@@ -43,11 +43,11 @@ def check_not_an_input(output: str, field: str, inputs: Mapping[str, str | None]
 
 
 def _check_url_not_an_input(output: str, field: str, inputs: Mapping[str, str | None]) -> None:
-    out = _key(output)
+    out = fs.bare_url(output)
     for name, path in inputs.items():
         if path is None or fs.protocol(path) != fs.protocol(output):
             continue
-        source = _key(path)
+        source = fs.bare_url(path)
         shown, shown_source = fs.redact(output), fs.redact(path)
         if out == source:
             raise OutputExistsError(f"{field}: {shown} is the {name} {shown_source}; refusing to write over an input")
@@ -60,10 +60,6 @@ def _check_url_not_an_input(output: str, field: str, inputs: Mapping[str, str | 
             raise OutputExistsError(
                 f"{field}: {shown} lies inside the {name} {shown_source}; choose a path outside the inputs"
             )
-
-
-def _key(url: str) -> str:
-    return fs.redact(url).replace("***@", "").rstrip("/")
 
 
 def check_writable(path: str, field: str) -> None:

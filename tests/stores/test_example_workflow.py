@@ -1,4 +1,7 @@
-"""`workflows/s3-demo.yaml` runs as its comments say: demo data written to the store, run, evaluated."""
+"""`workflows/s3-demo.yaml` runs as its comments say: demo data written to the store, run, evaluated.
+
+The workflow file is read from the store too, as a Kubernetes driver job might read it.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ def test_the_s3_example_workflow_runs_on_the_local_swift_server(swift_s3: S3Serv
 
     data = pipeline("demo-data", f"s3://{BUCKET}/demo-data", "--size", "512")  # small: the demo is 4096
     assert data.returncode == 0, data.stderr
-    run = pipeline("run", "workflows/s3-demo.yaml")
+    fs.put_file(str(REPO / "workflows" / "s3-demo.yaml"), f"{BUCKET}/s3-demo.yaml")
+    run = pipeline("run", f"s3://{BUCKET}/s3-demo.yaml")
     assert run.returncode == 0, run.stderr
     assert f"labels     s3://{BUCKET}/out/demo.zarr (complete)" in run.stdout
     report = json.loads(fs.cat_file(f"{BUCKET}/out/demo.evaluation.json"))
