@@ -302,9 +302,37 @@ ModelConfig = Annotated[
 ]
 
 
+class SkipConfig(Section):
+    """Blocks written as one class without running the model (see pipeline/skipping.py)."""
+
+    mask: PathStr | None = Field(
+        default=None,
+        description="image or zarr at any resolution; blocks with no nonzero mask pixel are skipped",
+    )
+    storage_options: StorageOptions = Field(default_factory=dict, description=_STORAGE_DOC)
+    uniform: bool = Field(default=False, description="skip a block whose read box holds one single value")
+    below: FiniteFloat | None = Field(default=None, description="skip a block whose raw read box is all below this")
+    above: FiniteFloat | None = Field(default=None, description="skip a block whose raw read box is all above this")
+    label: int = Field(default=0, ge=0, description="class written for skipped blocks")
+
+    @model_validator(mode="after")
+    def _something_to_skip(self) -> SkipConfig:
+        if self.mask is None and not self.uniform and self.below is None and self.above is None:
+            raise ValueError("at least one of mask, uniform: true, below or above")
+        return self
+
+
 class TilingConfig(Section):
-    tile: _int_or_auto(1) = 1024  # type: ignore[valid-type]
+    tile: _int_or_auto(1) = Field(  # type: ignore[valid-type]
+        default="auto",
+        description="write-box edge in pixels; auto: the largest whose task fits the worker's memory budget",
+    )
     mirror: MirrorMode = "reflect"
+    memory_share: float = Field(
+        default=0.5, gt=0.0, le=0.9,
+        description="share of a worker's memory (GPU: free device memory) its concurrent block tasks may use",
+    )  # fmt: skip
+    skip: SkipConfig | None = Field(default=None, description="blocks that need no model; null: compute every block")
 
 
 class InferenceConfig(Section):
@@ -317,8 +345,14 @@ class InferenceConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32", description="autocast precision of the forward pass; argmax in fp32"
     )
-    channels_last: bool = Field(
-        default=True, description="NHWC memory format (1.6-1.9x faster on CPU here, see docs/benchmarks.md)"
+    channels_last: bool | Literal["auto"] = Field(
+        default="auto",
+        description="NHWC memory format: auto measures both on a worker at run start (cached per machine and model)",
+    )
+    torch_threads: _int_or_auto(1) = Field(  # type: ignore[valid-type]
+        default="auto",
+        description="torch threads per forward pass; auto: the split of a worker's cores between "
+        "concurrent passes and threads is measured at run start (cached per machine and model)",
     )
     tta: Literal["none", "flips", "d4"] = Field(
         default="none", description="test-time augmentation: averaged logits of flips (4) or flips and 90-degree rotations (8)"
@@ -423,6 +457,10 @@ class ClusterBase(Section):
     environment: Annotated[dict[str, str], PlainValidator(_environment)] = Field(
         default_factory=dict,
         description="environment of the worker processes, set before they start (allocator settings, ...)",
+    )
+    allocator: Literal["tuned", "system"] = Field(
+        default="tuned",
+        description="tuned: glibc malloc keeps freed memory and one arena (2x faster CPU forward passes); system: the C library's defaults",
     )
     worker_timeout: Duration = Field(
         default="10m", description="how long the run waits with no worker at all before it stops"
@@ -624,6 +662,7 @@ def _resolve_paths(wf: Workflow, base: str, source: str) -> Workflow:
             "output": fix(wf.output, "path"),
             "evaluation": fix(fix(wf.evaluation, "ground_truth"), "ignore_mask"),
             "cluster": fix(fix(wf.cluster, "scheduler_file"), "log_directory"),
+            "tiling": wf.tiling.model_copy(update={"skip": fix(wf.tiling.skip, "mask")}),
         }
     )
     resolved._source = source

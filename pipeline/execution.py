@@ -22,6 +22,7 @@ from .cluster import Connection
 from .errors import ExecutionError, PipelineError
 from .inference import InferenceSpec, run_block, share_spec
 from .progress import Progress
+from .skip_blocks import write_skipped_block
 from .tiling import TilePlan
 
 POLL_SECONDS = 0.2
@@ -34,7 +35,8 @@ class BlockCounts:
 
     total: int
     resumed: int = 0  # written by an interrupted run and kept
-    computed: int = 0
+    computed: int = 0  # by the model
+    skipped: int = 0  # written as tiling.skip.label without the model (by the mask or a rule)
     retried: int = 0  # blocks whose task ran more than once (worker lost, or raised and retried)
     failed: int = 0
 
@@ -43,6 +45,8 @@ class BlockCounts:
 
     def describe(self) -> str:
         parts = [f"{self.computed} computed"]
+        if self.skipped:
+            parts.append(f"{self.skipped} skipped (no model)")
         if self.resumed:
             parts.append(f"{self.resumed} resumed")
         parts.append(f"{self.retried} retried")
@@ -55,6 +59,7 @@ class BlockCounts:
 class Execution:
     seconds: float
     filled: int  # NaN/infinite input pixels that were filled
+    computed_pixels: int = 0  # of the blocks the model ran on (skipped blocks not counted)
 
 
 def execute_blocks(
@@ -63,8 +68,12 @@ def execute_blocks(
     todo: list[tuple[int, ...]],
     counts: BlockCounts,
     progress: Progress,
+    masked: frozenset[tuple[int, ...]] = frozenset(),
 ) -> Execution:
     """Compute the blocks ``todo``; ``counts`` is updated as they finish (also on failure).
+
+    Blocks in ``masked`` (``tiling.skip.mask`` skips them) become cheap tasks that write the
+    skip class with neither model nor image read.
 
     The spec reaches the workers as the result of a task, not as scattered data: if the
     worker holding it dies, the scheduler recomputes it elsewhere.
@@ -75,6 +84,8 @@ def execute_blocks(
         return Execution(0.0, 0)
     tag = spec.run_id[:8]
     shared = client.submit(share_spec, spec, key=f"spec-{tag}", pure=False)
+    skips = [i for i in todo if i in masked]
+    todo = [i for i in todo if i not in masked]
     keys = [f"predict-{tag}-{'-'.join(map(str, i))}" for i in todo]
     futures = client.map(
         run_block,
@@ -85,7 +96,12 @@ def execute_blocks(
         resources={"GPU": 1} if conn.gpu_tasks else None,
     )
     index_of = dict(zip(keys, todo))
-    filled = 0
+    if skips:  # after the blocks that need the model
+        skip_keys = [f"skip-{tag}-{'-'.join(map(str, i))}" for i in skips]
+        futures += client.map(write_skipped_block, skips, spec=shared, key=skip_keys, retries=cfg.retries)
+        index_of.update(zip(skip_keys, skips))
+        keys += skip_keys
+    filled = pixels = 0
     watch = WorkerWatch(client, parse_timedelta(cfg.worker_timeout))
     pending = as_completed(futures)
     try:
@@ -105,15 +121,19 @@ def execute_blocks(
                     counts.failed += 1
                     raise block_failure(index_of[future.key], plan, _exception_of(future), spec)
                 result = future.result()
-                counts.computed += 1
+                if result.skipped:
+                    counts.skipped += 1
+                else:
+                    counts.computed += 1
+                    pixels += result.pixels
                 filled += result.filled
-                progress.update(result.tiles, result.pixels)
+                progress.update(result.tiles, result.pixels, skipped=result.skipped)
     except BaseException:
         counts.retried = _retried_blocks(client, keys, cfg.retries)  # before the tasks are forgotten
         client.cancel(futures + [shared], force=True)
         raise
     counts.retried = _retried_blocks(client, keys, cfg.retries)
-    return Execution(time.perf_counter() - start, filled)
+    return Execution(time.perf_counter() - start, filled, pixels)
 
 
 class WorkerWatch:
@@ -132,7 +152,7 @@ class WorkerWatch:
         if self.client.scheduler_info(n_workers=-1)["workers"]:
             self.last_seen = now
         elif now - self.last_seen > self.limit:
-            done = counts.resumed + counts.computed
+            done = counts.resumed + counts.computed + counts.skipped
             raise ExecutionError(
                 f"the cluster has had no worker for {self.limit:.0f} s (cluster.worker_timeout): "
                 f"its jobs ended or never started; {done} of {counts.total} blocks of "

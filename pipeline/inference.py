@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,7 @@ from .mirror import read_mirrored
 from .models.loading import load_model
 from .nonfinite import apply_policy
 from .runtime import Runtime, choose_batch_size, forward, prepare_module
+from .skipping import SkipRule, constant_labels
 from .tiling import Block, TilePlan
 
 
@@ -45,6 +47,8 @@ class InferenceSpec:
     inference: InferenceConfig = InferenceConfig()
     torch_threads: int | None = None
     fill_value: float | None = None  # None: NaN/infinite input pixels are an error
+    skip: SkipRule | None = None  # tiling.skip: the rules checked on each read box, the skip class
+    compute_slots: int | None = None  # forward passes a worker runs at once; None: one per thread
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class BlockResult:
     tiles: int
     seconds: float
     filled: int = 0  # non-finite input pixels of the write box that were filled
+    skipped: bool = False  # written as tiling.skip.label without running the model
 
 
 def share_spec(spec: InferenceSpec) -> InferenceSpec:
@@ -68,20 +73,27 @@ def run_block(index: tuple[int, ...], spec: InferenceSpec) -> BlockResult:
     block = spec.plan.block(index)
     runtime = Runtime.from_config(spec.inference, worker_index())
     module = cached_module(spec.model, runtime, spec.torch_threads)
+    use_torch_threads(spec.torch_threads)
     image = open_image(spec.image)
     raw = image.read_box(block.read, spec.plan.mirror)
     raw, filled = apply_policy(
         raw, block.read, spec.plan.image_shape, spec.fill_value, spec.image.path,
         counted=block.write, context=f", read for block {block.index}",
     )  # fmt: skip
-    x = normalise(raw, spec.normalize)
-    try:
-        labels = predict_block(x, block, spec.plan, module, runtime, output="labels")
-    except NonFiniteOutputError as exc:
-        raise NonFiniteOutputError(f"model {model_label(spec.model)} {exc}") from None
+    skipped = spec.skip is not None and spec.skip.skips(raw)  # tiling.skip: background, no model
+    if spec.skip is not None and skipped:
+        labels = constant_labels(block.write.shape, spec.skip.label, spec.label_dtype)
+    else:
+        x = normalise(raw, spec.normalize)
+        try:
+            with compute_slot(spec.compute_slots):  # the other threads read and write meanwhile
+                labels = predict_block(x, block, spec.plan, module, runtime, output="labels")
+        except NonFiniteOutputError as exc:
+            raise NonFiniteOutputError(f"model {model_label(spec.model)} {exc}") from None
     write_block(spec.output_path, spec.run_id, block.write, labels.astype(spec.label_dtype))
     mark_block_done(spec.output_path, spec.run_id, block.index)  # only after the chunk is written
-    return BlockResult(block.index, block.write.size, len(block.tiles), time.perf_counter() - start, filled)
+    seconds = time.perf_counter() - start
+    return BlockResult(block.index, block.write.size, len(block.tiles), seconds, filled, skipped)
 
 
 def model_label(cfg: ModelConfig) -> str:
@@ -189,6 +201,24 @@ def worker_index() -> int | None:
 
 _MODEL_LOCK = threading.Lock()
 _MODULES: dict[tuple, nn.Module] = {}
+_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+
+
+def compute_slot(slots: int | None) -> AbstractContextManager[object]:
+    """Held while a block's tiles go through the network: at most ``slots`` forward passes
+    run at once in this worker process, whatever its number of Dask threads, so a thread
+    beyond them reads, decodes and normalises the next block or writes the last one while
+    the others compute."""
+    if slots is None:
+        return nullcontext()
+    with _MODEL_LOCK:
+        return _SLOTS.setdefault(slots, threading.BoundedSemaphore(slots))
+
+
+def use_torch_threads(threads: int | None) -> None:
+    """The run's torch threads per forward pass (the worker's default until set)."""
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def cached_module(cfg: ModelConfig, runtime: Runtime, torch_threads: int | None) -> nn.Module:

@@ -26,6 +26,8 @@ from .models.loading import LoadedModel, check_declared_halo, load_model, needs_
 from .models.probe import probe_size
 from .probe_samples import probe_samples
 from .scorecard import ReportFiles
+from .skip_blocks import plan_skips
+from .skipping import SkipPlan
 from .tiling import TilePlan, plan_tiles
 
 MEMORY_BUDGET = 2 << 30  # per task, for tiling.tile: auto
@@ -42,6 +44,7 @@ class Prepared:
     truth: ImageReader | None
     normalize: NormalizeConfig
     notes: tuple[str, ...] = ()
+    skip: SkipPlan | None = None  # tiling.skip: the rules, and the blocks the mask skips
 
     @property
     def label_dtype(self) -> np.dtype:
@@ -108,6 +111,9 @@ def storage_rules(wf: Workflow) -> fs.StorageRules:
         per_path[ev.ground_truth] = ev.storage_options
         if ev.ignore_mask is not None:
             per_path[ev.ignore_mask] = ev.storage_options
+    skip = wf.tiling.skip
+    if skip is not None and skip.mask is not None:
+        per_path[skip.mask] = skip.storage_options
     return fs.StorageRules.build(wf.storage_options, per_path)
 
 
@@ -149,6 +155,7 @@ def protected_inputs(wf: Workflow) -> dict[str, str | None]:
         "model.path": wf.model.path,
         "evaluation.ground_truth": ev.ground_truth if ev else None,
         "evaluation.ignore_mask": ev.ignore_mask if ev else None,
+        "tiling.skip.mask": wf.tiling.skip.mask if wf.tiling.skip else None,
         "workflow file": None if wf.source == "<memory>" else wf.source,
     }
 
@@ -217,6 +224,7 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
         truth,
         normalize,
         tuple(notes),
+        plan_skips(wf, image, plan),
     )
     check_cluster(wf.cluster, wf.inference.device, estimate_task_bytes(prepared))
     return prepared
@@ -351,6 +359,8 @@ def describe_plan(p: Prepared) -> str:
     ]
     if wf.evaluation is not None:
         lines.append(f"evaluation {fs.redact(wf.evaluation.ground_truth)} ({wf.evaluation.encoding}) -> {fs.redact(p.report_path or '')}")
+    if p.skip is not None:
+        lines.append(f"skip       {p.skip.describe(plan.n_blocks)}")
     lines.append(f"cluster    {p.cluster.describe()}")
     lines += [f"note       {n}" for n in p.notes]
     return "\n".join(lines)

@@ -17,21 +17,31 @@ class Progress:
         stream: TextIO | None = None,
         resumed_blocks: int = 0,
         resumed_tiles: int = 0,
+        expected_skips: int = 0,
     ) -> None:
-        """``resumed_*``: written by an interrupted run; counted as done, not in the rate."""
+        """``resumed_*``: written by an interrupted run; counted as done, not in the rate.
+
+        Skipped blocks (``tiling.skip``) count as done but not in the rate, which is of the
+        pixels the model computed; ``expected_skips`` (the blocks the mask skips, cheap) are
+        not in the time left.
+        """
         self.total_blocks, self.total_tiles = total_blocks, total_tiles
         self.blocks, self.tiles, self.pixels = resumed_blocks, resumed_tiles, 0
         self.resumed = resumed_blocks
+        self.skipped, self.expected_skips = 0, expected_skips
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.interval = 0.2 if self.tty else 5.0
         self.start = time.perf_counter()
         self._last = -float("inf")
 
-    def update(self, tiles: int, pixels: int) -> None:
+    def update(self, tiles: int, pixels: int, skipped: bool = False) -> None:
         self.blocks += 1
         self.tiles += tiles
-        self.pixels += pixels
+        if skipped:
+            self.skipped += 1
+        else:
+            self.pixels += pixels
         now = time.perf_counter()
         if now - self._last >= self.interval or self.blocks == self.total_blocks:
             self._last = now
@@ -40,11 +50,12 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         elapsed = (now or time.perf_counter()) - self.start
         rate = self.pixels / elapsed if elapsed > 0 else 0.0
-        left = self.total_blocks - self.blocks
-        computed = self.blocks - self.resumed
-        eta = elapsed / computed * left if computed else float("nan")
+        left = self.total_blocks - self.blocks - max(0, self.expected_skips - self.skipped)
+        computed = self.blocks - self.resumed - self.skipped
+        eta = elapsed / computed * left if computed else (0.0 if left <= 0 else float("nan"))
+        skipped = f" ({self.skipped} skipped)" if self.skipped else ""
         return (
-            f"blocks {self.blocks}/{self.total_blocks} (tiles {self.tiles}/{self.total_tiles}) "
+            f"blocks {self.blocks}/{self.total_blocks}{skipped} (tiles {self.tiles}/{self.total_tiles}) "
             f"{100 * self.blocks / max(1, self.total_blocks):3.0f}% | {rate / 1e6:.2f} MPx/s | "
             f"elapsed {format_seconds(elapsed)} | left {format_seconds(eta)}"
         )

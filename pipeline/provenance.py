@@ -91,6 +91,13 @@ def _redact_line(line: str) -> str:
 
 
 def run_fingerprints(wf: Workflow, model_identity: dict[str, Any], plan: TilePlan) -> dict[str, Any]:
+    skip = wf.tiling.skip
+    if skip is not None and skip.mask is not None:  # the mask decides labels as the input does
+        return {**_fingerprints(wf, model_identity, plan), "tiling.skip.mask": fs.fingerprint(skip.mask)}
+    return _fingerprints(wf, model_identity, plan)
+
+
+def _fingerprints(wf: Workflow, model_identity: dict[str, Any], plan: TilePlan) -> dict[str, Any]:
     return {
         "pipeline_version": __version__,
         "input": fs.fingerprint(wf.input.path),

@@ -54,6 +54,7 @@ from .progress import Progress, format_seconds
 from .provenance import public_workflow, run_document, run_fingerprints
 from .report import UNTRAINED_NOTE, format_table, write_json
 from .scorecard import ReportFiles, evaluate_and_report
+from .skip_blocks import plan_skips
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,10 @@ def _run_connected(
         prepared = replace(prepared, plan=make_plan(wf, prepared.image, prepared.model, batch))
         plan = prepared.plan
         print(f"batch      {batch} tiles per forward pass (from free device memory)", file=out, flush=True)
+        skip = plan_skips(wf, prepared.image, plan)  # the blocks the mask skips, on the new grid
+        prepared = replace(prepared, skip=skip)
+        if skip is not None:
+            print(f"skip       {skip.describe(plan.n_blocks)}", file=out, flush=True)
     image = pinned_version(input_spec(wf))
     check_output_location(wf)
     fingerprints = run_fingerprints(wf, prepared.model.identity, plan)
@@ -235,12 +240,17 @@ def _run_connected(
         inference=wf.inference,
         torch_threads=conn.shape.torch_threads,
         fill_value=non_finite_fill(wf),
+        skip=prepared.skip.rule if prepared.skip else None,
     )
+    masked = prepared.skip.masked if prepared.skip else frozenset()
     blocks = [b for b in plan.blocks()]
     todo = [b.index for b in blocks if b.index not in done]
     resumed_tiles = sum(len(b.tiles) for b in blocks if b.index in done)
     state.blocks = counts = BlockCounts(plan.n_blocks, resumed=len(done))
-    progress = Progress(plan.n_blocks, plan.n_tiles, err, resumed_blocks=len(done), resumed_tiles=resumed_tiles)
+    progress = Progress(
+        plan.n_blocks, plan.n_tiles, err, resumed_blocks=len(done), resumed_tiles=resumed_tiles,
+        expected_skips=len(masked - done),
+    )  # fmt: skip
     state.status = "running"
     with ExitStack() as report_stack:
         if performance_report:
@@ -248,11 +258,11 @@ def _run_connected(
 
             report_stack.enter_context(dask_report(filename=performance_report))
         try:
-            execution = execute_blocks(conn, spec, todo, counts, progress)
+            execution = execute_blocks(conn, spec, todo, counts, progress, masked)
         finally:
             state.cluster = {"description": conn.shape.describe(), **_describe(conn)}
     timings["predict"] = execution.seconds
-    computed_pixels = sum(plan.block(i).write.size for i in todo)
+    computed_pixels = execution.computed_pixels  # by the model: skipped blocks are not in the rate
     state.tiles = plan.n_tiles - resumed_tiles
     state.megapixels_per_second = round(computed_pixels / execution.seconds / 1e6, 4) if execution.seconds else None
     summary: dict[str, Any] = {

@@ -44,7 +44,8 @@ class Runtime:
     @classmethod
     def from_config(cls, cfg: InferenceConfig, worker_index: int | None = None) -> Runtime:
         device = resolve_device(cfg.device, worker_index)
-        return cls(device, cfg.precision, cfg.channels_last, cfg.tta)
+        channels_last = True if cfg.channels_last == "auto" else bool(cfg.channels_last)
+        return cls(device, cfg.precision, channels_last, cfg.tta)
 
     @property
     def cuda(self) -> bool:

@@ -253,6 +253,6 @@ def test_resume_starts_afresh_without_a_volume_and_does_nothing_on_a_complete_on
     (tmp_path / "forward.log").unlink()
     again = _run("run", wf, "--resume")
     assert again.returncode == 0, again.stderr
-    assert _run_json(tmp_path)["blocks"] == {"total": BLOCKS, "resumed": BLOCKS, "computed": 0, "retried": 0, "failed": 0}
+    assert _run_json(tmp_path)["blocks"] == {"total": BLOCKS, "resumed": BLOCKS, "computed": 0, "skipped": 0, "retried": 0, "failed": 0}
     assert _forward_passes(tmp_path) == 0
     np.testing.assert_array_equal(_labels(tmp_path), _reference())

@@ -26,7 +26,7 @@ from distributed import Client
 from ..config import JobCount, JobqueueClusterConfig
 from ..errors import PipelineError
 from .environment import shell_exports, worker_environment
-from .shape import ClusterShape, split_cores
+from .shape import ClusterShape, cpu_worker_threads, fixed_concurrency, split_cores
 
 LOST_JOB_TIMEOUT = "5s"
 SCHEDULER_MODULES = {"slurm": ".slurm", "pbs": ".pbs", "lsf": ".lsf", "sge": ".sge"}
@@ -45,16 +45,27 @@ def job_range(cfg: JobqueueClusterConfig) -> tuple[int, int]:
 def shape(cfg: JobqueueClusterConfig, device: str) -> ClusterShape:
     processes = cfg.worker_processes
     gpu = bool(cfg.gpus_per_job) and device != "cpu"
-    threads = (2 if gpu else 1) if cfg.threads_per_worker == "auto" else int(cfg.threads_per_worker)
+    per_worker = max(1, cfg.cores // processes)
+    if cfg.threads_per_worker != "auto":
+        threads = slots = int(cfg.threads_per_worker)
+    elif gpu:
+        threads, slots = 2, 1
+    else:
+        threads, slots = cpu_worker_threads(per_worker)
     low, high = job_range(cfg)
     jobs = f"{low}" if low == high else f"{low}..{high} (adaptive)"
+    from dask.utils import parse_bytes
+
     return ClusterShape(
         cfg.kind,
         high * processes,
         threads,
-        split_cores(cfg.cores, processes, threads),
+        split_cores(cfg.cores, processes, slots),
         1 if gpu else 0,
         details=(f"{jobs} job{'s' * (high > 1)} of {cfg.cores} cores, {cfg.memory}, {cfg.walltime}",),
+        compute_slots=slots,
+        cores_per_worker=per_worker,
+        memory_per_worker=int(parse_bytes(cfg.memory)) // processes,
     )
 
 
@@ -66,7 +77,7 @@ def check(cfg: JobqueueClusterConfig, device: str, task_bytes: int) -> ClusterSh
         raise PipelineError(
             f"cluster.kind: {cfg.kind} needs dask-jobqueue (pip install 'gigaseg-pipeline[hpc]')"
         ) from None
-    if cfg.processes * found.threads_per_worker > cfg.cores and not cfg.gpus_per_job:
+    if cfg.processes * found.slots > cfg.cores and not cfg.gpus_per_job:
         raise PipelineError(
             f"cluster.cores: {cfg.cores} cores per job for {cfg.processes} worker process"
             f"{'es' * (cfg.processes > 1)} x {found.threads_per_worker} thread"
@@ -76,11 +87,12 @@ def check(cfg: JobqueueClusterConfig, device: str, task_bytes: int) -> ClusterSh
     from dask.utils import parse_bytes
 
     per_worker = parse_bytes(cfg.memory) / cfg.worker_processes
-    if found.threads_per_worker * task_bytes > per_worker:
+    concurrent = fixed_concurrency(cfg.threads_per_worker, found)
+    if concurrent * task_bytes > per_worker:
         raise PipelineError(
             f"cluster.memory: {cfg.memory} per job gives each of its {cfg.worker_processes} "
             f"worker{'s' * (cfg.worker_processes > 1)} {per_worker / 2**30:.1f} GiB, but "
-            f"{found.threads_per_worker} concurrent task{'s' * (found.threads_per_worker > 1)} "
+            f"{concurrent} concurrent task{'s' * (concurrent > 1)} "
             f"of ~{task_bytes / 2**30:.1f} GiB each need more; ask for more memory or a smaller tile"
         )
     return found
@@ -88,7 +100,7 @@ def check(cfg: JobqueueClusterConfig, device: str, task_bytes: int) -> ClusterSh
 
 def cluster_kwargs(cfg: JobqueueClusterConfig, found: ClusterShape, preload: list[str]) -> dict[str, Any]:
     """The jobqueue constructor's arguments (pure: tested against each scheduler's header)."""
-    env = worker_environment(found.torch_threads, cfg.worker_processes, cfg.environment)
+    env = worker_environment(found.torch_threads, cfg.worker_processes, cfg.environment, cfg.allocator)
     extra = [arg for name in preload for arg in ("--preload", name)]
     if found.gpus_per_worker:
         extra += ["--resources", f"GPU={found.threads_per_worker}"]

@@ -19,23 +19,39 @@ from distributed import Client
 from ..config import KubernetesClusterConfig
 from ..errors import PipelineError, first_line
 from .environment import worker_environment
-from .shape import ClusterShape, split_cores
+from .shape import ClusterShape, cpu_worker_threads, split_cores
 
 
 def _cores(cpu: str) -> int:
     return max(1, int(float(cpu[:-1]) / 1000) if cpu.endswith("m") else int(float(cpu)))
 
 
+def _memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (``8Gi``, ``512M``, ``1000``) in bytes."""
+    from dask.utils import parse_bytes
+
+    return int(parse_bytes(quantity + "B" if quantity.endswith("i") else quantity))
+
+
 def shape(cfg: KubernetesClusterConfig, device: str) -> ClusterShape:
     gpu = bool(cfg.gpus_per_worker) and device != "cpu"
-    threads = (2 if gpu else 1) if cfg.threads_per_worker == "auto" else int(cfg.threads_per_worker)
+    cores = _cores(cfg.resources.cpu)
+    if cfg.threads_per_worker != "auto":
+        threads = slots = int(cfg.threads_per_worker)
+    elif gpu:
+        threads, slots = 2, 1
+    else:
+        threads, slots = cpu_worker_threads(cores)
     return ClusterShape(
         "kubernetes",
         cfg.n_workers,
         threads,
-        split_cores(_cores(cfg.resources.cpu), 1, threads),
+        split_cores(cores, 1, slots),
         1 if gpu else 0,
         details=(f"DaskCluster {cfg.name} in namespace {cfg.namespace or '(current)'}, image {cfg.image}",),
+        compute_slots=slots,
+        cores_per_worker=cores,
+        memory_per_worker=_memory_bytes(cfg.resources.memory),
     )
 
 
@@ -57,7 +73,7 @@ def _operator() -> Any:
 
 def cluster_spec(cfg: KubernetesClusterConfig, found: ClusterShape, preload: list[str]) -> dict[str, Any]:
     """The ``DaskCluster`` resource: the operator's own spec, shaped for this pipeline."""
-    env = worker_environment(found.torch_threads, 1, cfg.environment)
+    env = worker_environment(found.torch_threads, 1, cfg.environment, cfg.allocator)
     limits = {"cpu": cfg.resources.cpu, "memory": cfg.resources.memory}
     spec: dict[str, Any] = _operator().make_cluster_spec(
         cfg.name,

@@ -1,8 +1,10 @@
 """``kind: local``: worker processes on this machine (:class:`distributed.LocalCluster`).
 
-Nothing to set up. One worker per core (one Dask thread, torch gets the rest), or one per
-GPU with two threads (one reads and normalises the next block while the other's batch
-runs). Everything listens on the loopback interface only.
+Nothing to set up. On CPUs one worker process for the machine with one Dask thread per
+core plus one (forward passes on every core while the extra thread reads and writes; one
+process holds one copy of torch and of the model), or one per GPU with two threads (one
+reads and normalises the next block while the other's batch runs). Everything listens on
+the loopback interface only.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from distributed import Client, LocalCluster
 from ..config import LocalClusterConfig
 from ..errors import PipelineError
 from .environment import worker_environment
-from .shape import ClusterShape, available_cores, split_cores
+from .shape import ClusterShape, available_cores, cpu_worker_threads, fixed_concurrency, split_cores
 
 LOOPBACK = "127.0.0.1"
 
@@ -30,15 +32,30 @@ def gpu_count() -> int:
 
 
 def shape(cfg: LocalClusterConfig, device: str) -> ClusterShape:
+    """One worker process per GPU (two threads); on CPUs one process for the machine, one
+    thread per core plus one for I/O (``auto``), or what ``n_workers`` and
+    ``threads_per_worker`` say."""
     cores = available_cores()
+    memory = psutil.virtual_memory().total
     gpus = 0 if device == "cpu" else gpu_count()
-    threads = (2 if gpus else 1) if cfg.threads_per_worker == "auto" else int(cfg.threads_per_worker)
-    if cfg.n_workers != "auto":
-        workers = int(cfg.n_workers)
+    if gpus:
+        threads = 2 if cfg.threads_per_worker == "auto" else int(cfg.threads_per_worker)
+        pinned = device.startswith("cuda:")
+        workers = int(cfg.n_workers) if cfg.n_workers != "auto" else (1 if pinned else gpus)
+        return ClusterShape(
+            "local", workers, threads, split_cores(cores, workers, threads), 0 if pinned else 1,
+            compute_slots=1, cores_per_worker=max(1, cores // workers), memory_per_worker=memory // workers,
+        )  # fmt: skip
+    workers = 1 if cfg.n_workers == "auto" else int(cfg.n_workers)
+    per_worker = max(1, cores // workers)
+    if cfg.threads_per_worker == "auto":
+        threads, slots = cpu_worker_threads(per_worker)
     else:
-        workers = gpus if gpus and not device.startswith("cuda:") else max(1, cores // threads)
-    per_worker = 1 if gpus and not device.startswith("cuda:") else 0
-    return ClusterShape("local", workers, threads, split_cores(cores, workers, threads), per_worker)
+        threads = slots = int(cfg.threads_per_worker)
+    return ClusterShape(
+        "local", workers, threads, split_cores(cores, workers, slots), 0,
+        compute_slots=slots, cores_per_worker=per_worker, memory_per_worker=memory // workers,
+    )  # fmt: skip
 
 
 def check(cfg: LocalClusterConfig, device: str, task_bytes: int) -> ClusterShape:
@@ -55,7 +72,7 @@ def check(cfg: LocalClusterConfig, device: str, task_bytes: int) -> ClusterShape
             f"cluster.threads_per_worker: {found.threads_per_worker} threads on {cores} "
             f"core{'s' * (cores > 1)}; expected at most {4 * cores}"
         )
-    concurrent = found.n_workers * found.threads_per_worker
+    concurrent = found.n_workers * fixed_concurrency(cfg.threads_per_worker, found)
     memory = psutil.virtual_memory().total
     if concurrent * task_bytes > memory:
         raise PipelineError(
@@ -81,7 +98,7 @@ def check(cfg: LocalClusterConfig, device: str, task_bytes: int) -> ClusterShape
 def start(cfg: LocalClusterConfig, found: ClusterShape, preload: list[str]) -> Iterator[Client]:
     """The scheduler's HTTP endpoint takes a random port (two runs never fight over 8787);
     the dashboard is served only where ``cluster.dashboard`` asks."""
-    env = worker_environment(found.torch_threads, found.n_workers, cfg.environment)
+    env = worker_environment(found.torch_threads, found.n_workers, cfg.environment, cfg.allocator, os.environ)
     if found.gpus_per_worker and "CUDA_VISIBLE_DEVICES" not in os.environ:
         env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpu_count()))))
     cluster = LocalCluster(
