@@ -36,6 +36,7 @@ class Measurement:
     peak_rss_bytes: int
     returncode: int
     output_tail: str
+    timed_out: bool = False
 
     @property
     def ok(self) -> bool:
@@ -75,15 +76,16 @@ def run_measured(
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
         root = psutil.Process(proc.pid)
-        peak = 0
+        peak, timed_out = 0, False
         while proc.poll() is None:
             peak = max(peak, tree_rss(root))
-            if timeout is not None and time.perf_counter() - start > timeout:
+            if timeout is not None and time.perf_counter() - start > timeout and not timed_out:
+                timed_out = True
                 _kill_tree(root)
             time.sleep(SAMPLE_SECONDS)
         seconds = time.perf_counter() - start
     tail = "" if log == Path(os.devnull) else _tail(log)
-    return Measurement(seconds, peak, proc.returncode, tail)
+    return Measurement(seconds, peak, proc.returncode, tail, timed_out)
 
 
 def _kill_tree(root: psutil.Process) -> None:
@@ -104,6 +106,17 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def pipeline_plan(volume: Path) -> dict[str, Any]:
+    """The plan a ``pipeline run`` recorded in its label volume (tile, context, blocks), or {}."""
+    try:
+        import zarr
+
+        plan = zarr.open_group(str(volume), mode="r").attrs["pipeline"]["plan"]
+        return dict(plan) if isinstance(plan, dict) else {}
+    except Exception:  # no volume, another layout: the report says "?" rather than failing
+        return {}
 
 
 def cpu_model() -> str:

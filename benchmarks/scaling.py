@@ -12,7 +12,8 @@ the peak resident memory of its process tree (driver, scheduler, nannies, worker
 every ~50 ms). ``run.json`` gives the predict phase and, where the pipeline records it, the
 time spent building and submitting its tasks (``timings.submit``). Reported per size: blocks,
 seconds, predict seconds, seconds per MPx, peak RSS, and each as a ratio to the smallest size
-(targets: RSS flat within 20 %, predict time per pixel flat within 15 %). Inputs and outputs
+(targets: peak RSS at most 20 % and predict time per pixel at most 15 % above the smallest
+size's: memory and time per pixel independent of image size). Inputs and outputs
 are deleted after each size unless ``--keep``. ``--out FILE`` replaces the section between
 ``<!-- scaling:start -->`` and ``<!-- scaling:end -->`` in FILE (appending it if absent).
 """
@@ -43,6 +44,7 @@ from benchmarks.measure import (
     fmt_ratio,
     machine_facts,
     package_version,
+    pipeline_plan,
     pyplot,
     python,
     replace_section,
@@ -116,14 +118,16 @@ def df_line(folder: Path) -> str:
 # -- one size -------------------------------------------------------------------------------------
 
 
-def run_size(work: Path, size: int, chunk: int, timeout: float, keep: bool) -> dict[str, Any]:
+def run_size(
+    work: Path, size: int, chunk: int, tile: str, timeout: float, keep: bool
+) -> dict[str, Any]:
     """Write the input, run the pipeline on it (measured), read its run.json, clean up."""
     folder = work / f"size-{size}"
     folder.mkdir(parents=True, exist_ok=True)
     image = folder / "image.zarr"
     seconds_input = write_input(image, size, chunk)
     workflow = folder / "workflow.yaml"
-    workflow.write_text(yaml.safe_dump(_workflow(), sort_keys=False))
+    workflow.write_text(yaml.safe_dump(_workflow(tile), sort_keys=False))
     script = Path(python()).parent / "pipeline"
     cmd = (
         [str(script), "run", str(workflow)]
@@ -142,6 +146,9 @@ def run_size(work: Path, size: int, chunk: int, timeout: float, keep: bool) -> d
     }
     if m.ok:
         record |= _run_json(folder / "labels.run.json")
+        plan = pipeline_plan(folder / "labels.zarr")
+        record["tile"] = plan.get("tile", [None])[0]
+        record["context"] = plan.get("context")
     else:
         record["error"] = (
             m.output_tail.splitlines()[-1] if m.output_tail else f"exit {m.returncode}"
@@ -151,11 +158,11 @@ def run_size(work: Path, size: int, chunk: int, timeout: float, keep: bool) -> d
     return record
 
 
-def _workflow() -> dict[str, Any]:
+def _workflow(tile: str = "auto") -> dict[str, Any]:
     return {
         "input": {"path": "image.zarr"},
         "model": MODEL,
-        "tiling": {"tile": "auto", "mirror": "symmetric"},
+        "tiling": {"tile": tile if tile == "auto" else int(tile), "mirror": "symmetric"},
         "output": {"path": "labels.zarr", "overwrite": True},
     }
 
@@ -223,7 +230,8 @@ def markdown(report: dict[str, Any], plot: str | None) -> str:
         f"`pipeline run` (the whole command, a fresh process with the benchmark's environment) on "
         f"synthetic uint8 zarr inputs ({report['settings']['chunk']} px chunks, zarr's default "
         f"compression, written chunk by chunk), model `{json.dumps(MODEL)}` (untrained, "
-        f"fixed seed), `tiling: {{tile: auto, mirror: symmetric}}`, default local cluster. "
+        f"fixed seed), `tiling: {{tile: {report['settings']['tile']}, mirror: symmetric}}`, "
+        f"default local cluster. "
         f"Peak RSS: resident memory summed over the process tree (driver, scheduler, nannies, "
         f"workers), sampled every 50 ms. Predict: `run.json` `timings.predict`; submit: "
         f"`timings.submit` (the time to build and submit the block tasks; n/a where the "
@@ -231,8 +239,8 @@ def markdown(report: dict[str, Any], plot: str | None) -> str:
         f"at most {RSS_TARGET:.0%} and predict seconds per MPx at most {TIME_TARGET:.0%} above "
         f"the smallest size's (a ratio below 1, fixed costs spread over more pixels, passes).",
         "",
-        "| image | blocks | seconds | predict s | submit s | s/MPx | predict s/MPx | peak RSS "
-        "| RSS ratio | predict s/MPx ratio | within targets |",
+        "| image | blocks (tile) | seconds | predict s | submit s | s/MPx | predict s/MPx "
+        "| peak RSS | RSS ratio | predict s/MPx ratio | within targets |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["results"]:
@@ -253,7 +261,7 @@ def _row(r: dict[str, Any]) -> str:
     within = "RSS " + ("yes" if r["rss_within_target"] else "no")
     within += ", time " + ("yes" if r["time_within_target"] else "no")
     return (
-        f"| {gpx} | {r.get('blocks', '')} | {r['seconds']:.1f} | "
+        f"| {gpx} | {r.get('blocks', '')} ({r.get('tile') or '?'}) | {r['seconds']:.1f} | "
         f"{_num(r.get('predict_seconds'))} | {_num(r.get('submit_seconds'), 2)} | "
         f"{r['s_per_mpx']:.4f} | {_num(r.get('predict_s_per_mpx'), 4)} | "
         f"{fmt_bytes(r['peak_rss_bytes'])} | {fmt_ratio(ratios.get('peak_rss_bytes'))} | "
@@ -309,6 +317,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     parser.add_argument("--chunk", type=int, default=1024, help="chunk edge of the zarr inputs")
+    parser.add_argument("--tile", default="auto", help="tiling.tile of the workflow (auto or px)")
     parser.add_argument("--json", type=Path, default=Path("docs/benchmarks/scaling.json"))
     parser.add_argument(
         "--plot", type=Path, default=None, help="PNG (default: the JSON path, .png)"
@@ -328,6 +337,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--sizes: expected edges of at least 64 px")
     if args.chunk < 64:
         parser.error("--chunk: expected at least 64 px")
+    if args.tile != "auto" and not (args.tile.isdigit() and int(args.tile) > 0):
+        parser.error(f"--tile: expected auto or a positive number of pixels, got {args.tile!r}")
     args.sizes = sorted(set(args.sizes))
     args.plot = args.plot or args.json.with_suffix(".png")
     return args
@@ -362,13 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         "command": command_line("benchmarks.scaling", argv),
         "machine": facts,
         "versions": {p: package_version(p) for p in ("torch", "dask", "distributed", "zarr")},
-        "settings": {"sizes": args.sizes, "chunk": args.chunk, "model": MODEL},
+        "settings": {"sizes": args.sizes, "chunk": args.chunk, "tile": args.tile, "model": MODEL},
         "results": [],
     }
     try:
         for size in args.sizes:
             _say(f"{size} x {size} ...")
-            record = run_size(work, size, args.chunk, args.timeout, args.keep)
+            record = run_size(work, size, args.chunk, args.tile, args.timeout, args.keep)
             report["results"].append(record)
             _say(f"  {_describe(record)}")
             summarise(report["results"])

@@ -52,6 +52,7 @@ from benchmarks.measure import (
     fmt_ratio,
     machine_facts,
     package_version,
+    pipeline_plan,
     pyplot,
     python,
     replace_section,
@@ -74,6 +75,7 @@ MODEL_TITLES = {
     "unet": "U-Net (depth 4, width 16)",
     "dilated": "dilated context net (front width 32, basic)",
 }
+PREDICT_LABEL = "pipeline run: predict phase"
 DEFAULT_TIE = 1e-3
 MARKER = "throughput"
 
@@ -93,6 +95,7 @@ def run_method(method: str, work: Path, size: int, name: str, timeout: float) ->
             [_pipeline_command(), "run", str(workflow)], cwd=folder, log=log, timeout=timeout
         )
         extra = _run_json(output) if measured.ok else {}
+        extra["plan"] = pipeline_plan(output) if measured.ok else {}
     else:
         result = folder / f"{method}-{name}.result.json"
         result.unlink(missing_ok=True)
@@ -115,6 +118,8 @@ def _run_record(m: Measurement, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _failure(m: Measurement) -> str:
+    if m.timed_out:
+        return "stopped after --timeout seconds"
     if m.returncode < 0:
         why = "out of memory?" if m.returncode == -9 else "killed or timed out"
         return f"killed by signal {-m.returncode} ({why})"
@@ -180,7 +185,7 @@ def ensure_reference(
     work: Path, size: int, name: str, runs: list[dict], timeout: float
 ) -> dict[str, Any] | None:
     """The reference labels for agreement: computed here if ``whole`` did not run (in strips if
-    it failed)."""
+    it failed). A reference that cannot be computed leaves agreement empty, the rest stands."""
     labels, margin = tm.reference_paths(work, size, name)
     if labels.exists() and margin.exists() and any(r.get("returncode") == 0 for r in runs):
         return None
@@ -190,7 +195,10 @@ def ensure_reference(
     m = run_measured(_child("whole", work, size, name, result, *strips), cwd=ROOT,
                      log=folder / f"reference-{name}.log", timeout=timeout)  # fmt: skip
     if not m.ok:
-        raise SystemExit(f"error: the reference for {name} at {size} px failed: {_failure(m)}")
+        _say(f"  the reference for {name} at {size} px failed: {_failure(m)}; no agreement")
+        for path in (labels, margin):
+            path.unlink(missing_ok=True)
+        return _run_record(m, {})
     return _run_record(m, json.loads(result.read_text()))
 
 
@@ -204,13 +212,12 @@ def agreement(work: Path, size: int, name: str, method: str, tie: float) -> dict
     path = tm.labels_path(work, size, name, method)
     if method == "whole":
         return {"overall": 1.0, "outside_near_ties": 1.0, "reference": True}
-    if not path.exists():
+    references = tm.reference_paths(work, size, name)
+    if not path.exists() or not all(p.exists() for p in references):
         return None
     node = zarr.open(str(path), mode="r")
     labels = np.asarray((node["0"] if isinstance(node, zarr.Group) else node)[...])
-    ref_labels, ref_margin = (
-        np.load(p, mmap_mode="r") for p in tm.reference_paths(work, size, name)
-    )
+    ref_labels, ref_margin = (np.load(p, mmap_mode="r") for p in references)
     if labels.shape != ref_labels.shape:
         return {"error": f"shape {labels.shape}, reference {ref_labels.shape}"}
     equal = labels == ref_labels
@@ -245,6 +252,7 @@ def summarise(
                 "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in ok),
                 "core_seconds": statistics.median(core) if core else None,
             }
+            row["core_mpx_per_s"] = mpx / row["core_seconds"] if row["core_seconds"] else None
         rows[method] = row
     rows["roofline"] = {
         "mpx_per_s": gflops * 1e3 / meta["flops_per_pixel"],
@@ -253,6 +261,7 @@ def summarise(
     base = rows.get("pipeline", {})
     for row in rows.values():
         row["mpx_per_s_ratio"] = _ratio(row.get("mpx_per_s"), base.get("mpx_per_s"))
+        row["core_mpx_per_s_ratio"] = _ratio(row.get("core_mpx_per_s"), base.get("core_mpx_per_s"))
         row["rss_ratio"] = _ratio(row.get("peak_rss_bytes"), base.get("peak_rss_bytes"))
     return {"size": size, "model": name, "megapixels": mpx, "methods": rows}
 
@@ -322,9 +331,9 @@ def _tie_share(report: dict[str, Any]) -> str:
 def _method_notes(report: dict[str, Any]) -> list[str]:
     return [
         "`pipeline run`: `arch: torchscript` with the declared halo and shift period, "
-        "`tile: auto`, `mirror: symmetric`, default local cluster (one worker process per "
-        "core, one thread, torch threads = cores / workers), whatever environment the "
-        "pipeline gives its own workers.",
+        "`tile: auto`, `mirror: symmetric`, the default local cluster (its shape, as "
+        "`run.json` records it, is under each table) with whatever environment the pipeline "
+        "gives its own workers.",
         f"MONAI {report['versions'].get('monai', '?')}: "
         "`sliding_window_inference(roi_size=(512, 512), "
         'overlap=0.25, mode="gaussian")` (sw_batch_size 1, constant padding: MONAI\'s defaults) '
@@ -353,17 +362,19 @@ def _table(result: dict[str, Any]) -> list[str]:
     lines = [
         f"### {MODEL_TITLES.get(name, name)}, {size} x {size} ({result['megapixels']:.1f} MPx)",
         "",
-        "| method | seconds (runs) | core s | MPx/s | peak RSS | agreement | outside near-ties "
-        "| MPx/s vs pipeline | RSS vs pipeline |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | seconds (runs) | MPx/s | core s | core MPx/s | peak RSS | agreement "
+        "| outside near-ties | MPx/s vs pipeline | core MPx/s vs pipeline | RSS vs pipeline |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
+    pipeline = result["methods"].get("pipeline", {})
     for method, row in result["methods"].items():
         title = TITLES.get(method, method)
         if method == "roofline":
+            to_predict = _ratio(row["mpx_per_s"], pipeline.get("core_mpx_per_s"))
             lines.append(
-                f"| {title} | {row['seconds']:.2f} | | {row['mpx_per_s']:.2f} | | | | "
-                f"{fmt_ratio(row['mpx_per_s_ratio'])} | |"
+                f"| {title} | {row['seconds']:.2f} | {row['mpx_per_s']:.3g} | | | | | | "
+                f"{fmt_ratio(row['mpx_per_s_ratio'])} | {fmt_ratio(to_predict)} | |"
             )
             continue
         failed = [r for r in row["runs"] if r["returncode"] != 0]
@@ -380,37 +391,59 @@ def _table(result: dict[str, Any]) -> list[str]:
                     f"reference: computed in strips of {rows_} rows ({'; '.join(reasons)})"
                 )
         if "seconds" not in row:
-            lines.append(f"| {title} | failed | | | | | | | |")
+            lines.append(f"| {title} | failed | | | | | | | | | |")
             continue
         runs = ", ".join(f"{r['seconds']:.1f}" for r in row["runs"] if r["returncode"] == 0)
         core = f"{row['core_seconds']:.2f}" if row.get("core_seconds") else ""
+        core_rate = f"{row['core_mpx_per_s']:.3g}" if row.get("core_mpx_per_s") else ""
         a = row.get("agreement") or {}
         lines.append(
-            f"| {title} | {row['seconds']:.2f} ({runs}) | {core} | {row['mpx_per_s']:.3g} | "
-            f"{fmt_bytes(row['peak_rss_bytes'])} | {_share(a.get('overall'))} | "
+            f"| {title} | {row['seconds']:.2f} ({runs}) | {row['mpx_per_s']:.3g} | {core} | "
+            f"{core_rate} | {fmt_bytes(row['peak_rss_bytes'])} | {_share(a.get('overall'))} | "
             f"{_share(a.get('outside_near_ties'))} | {fmt_ratio(row['mpx_per_s_ratio'])} | "
-            f"{fmt_ratio(row['rss_ratio'])} |"
+            f"{fmt_ratio(row['core_mpx_per_s_ratio'])} | {fmt_ratio(row['rss_ratio'])} |"
         )
     pipeline_runs = result["methods"].get("pipeline", {}).get("runs", [])
-    blocks = {
-        (r.get("blocks"), r.get("tiles"), r.get("cluster"))
+    shapes = {
+        (
+            r.get("blocks"),
+            r.get("tiles"),
+            (r.get("plan") or {}).get("tile", ["?"])[0],
+            r.get("cluster"),
+        )
         for r in pipeline_runs
         if r.get("blocks")
     }
-    for b, t, c in blocks:
-        notes.append(f"pipeline: {b} blocks, {t} tiles, cluster {c}")
+    for b, t, edge, c in shapes:
+        notes.append(f"pipeline: {b} blocks, {t} tiles of {edge} px, cluster {c}")
+    if phases := _pipeline_phases(pipeline_runs):
+        notes.append(f"pipeline phases (`run.json` timings, median s): {phases}")
     if fallback := result.get("reference_fallback"):
-        notes.append(
-            f"reference: computed separately ({fallback.get('mode')}, {fallback.get('reason', '')})"
-        )
+        if fallback.get("error"):
+            how = f"failed: {fallback['error']}; no agreement"
+        elif fallback.get("mode") == "strips":
+            how = f"in row strips: {fallback.get('reason', '')}"
+        else:
+            how = "one whole-image pass"
+        notes.append(f"reference: computed separately, not measured ({how})")
     lines += [""] + [f"{n}." for n in notes] + ([""] if notes else [])
     return lines
 
 
+def _pipeline_phases(runs: list[dict[str, Any]]) -> str:
+    """Where the whole command's time went: plan (probes, tuning), predict, ... and the rest."""
+    timings = [r["timings"] for r in runs if r.get("returncode") == 0 and r.get("timings")]
+    keys = list(dict.fromkeys(k for t in timings for k in t))
+    return ", ".join(f"{k} {statistics.median(t[k] for t in timings if k in t):.2f}" for k in keys)
+
+
 def _share(x: float | None) -> str:
+    """Agreement as a share; never rounded up to a 1 it is not."""
     if x is None:
         return ""
-    return "1" if x == 1.0 else f"{x:.6f}"
+    if x == 1.0:
+        return "1"
+    return f"{x:.6f}" if x < 0.9999995 else f"1 - {1 - x:.1e}"
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -435,6 +468,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
             axes[0, col].plot(xs, [row["mpx_per_s"] for _, row in points], **style)
             if method != "roofline":
                 axes[1, col].plot(xs, [row["peak_rss_bytes"] / 2**30 for _, row in points], **style)
+            if method == "pipeline" and all(row.get("core_mpx_per_s") for _, row in points):
+                rates = [row["core_mpx_per_s"] for _, row in points]
+                axes[0, col].plot(xs, rates, color=colours[method], linestyle=":", marker=".",
+                                  label=PREDICT_LABEL)  # fmt: skip
         axes[0, col].set_title(MODEL_TITLES.get(name, name), fontsize=10)
         axes[0, col].set_ylabel("throughput (MPx/s)")
         axes[0, col].set_yscale("log")
@@ -445,7 +482,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     legend = {}  # every method once, whichever column drew it
     for ax in axes[0]:
         legend |= dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
-    order = [TITLES[m].replace("`", "") for m in methods]
+    order = [TITLES[m].replace("`", "") for m in methods] + [PREDICT_LABEL]
     labels = [label for label in order if label in legend]
     fig.legend([legend[label] for label in labels], labels, loc="lower center", ncol=3, fontsize=8)
     fig.suptitle(f"{report['machine']['cpu']}, {report['machine']['cores']} cores", fontsize=9)

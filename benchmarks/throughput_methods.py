@@ -35,6 +35,7 @@ BLOCK = 1024  # map_overlap chunks, the I/O floor's blocks, every zarr output's 
 MONAI_ROI = (512, 512)
 MONAI_OVERLAP = 0.25
 MEMORY_FACTOR = 2.0  # measured peak of a whole forward is 1.4-1.6x the model's activation estimate
+FALLBACK_ACTIVATION_BYTES = 600.0  # per input pixel, where the pipeline gives no estimate
 STRIP_BYTES = 4 << 30  # per strip of the fallback reference: keeps each map well under 2 GiB
 
 
@@ -89,7 +90,6 @@ def _make_model(work: Path, name: str) -> dict[str, Any]:
 
     from pipeline.config import DilatedConfig, UNetConfig
     from pipeline.models.loading import load_model
-    from pipeline.tiling import plan_tiles
 
     raw = MODELS[name]
     cfg = (UNetConfig if raw["arch"] == "unet" else DilatedConfig).model_validate(raw)
@@ -97,7 +97,7 @@ def _make_model(work: Path, name: str) -> dict[str, Any]:
     module = loaded.module
     balance = _reinit(module, raw["arch"])
     geo = loaded.geometry
-    context = plan_tiles((4 * BLOCK,) * 2, geo, tile=BLOCK, mirror="symmetric").context
+    context = block_context(geo.halo, geo.size_min, geo.size_step)
     scripted = torch.jit.script(module)
     torch.jit.save(scripted, str(model_path(work, name)))
     _check_saved(module, model_path(work, name), geo.size_step)
@@ -111,7 +111,8 @@ def _make_model(work: Path, name: str) -> dict[str, Any]:
         "size_min": geo.size_min,
         "size_step": geo.size_step,
         "context": context,
-        "activation_bytes_per_pixel": loaded.activation_bytes_per_pixel,
+        "activation_bytes_per_pixel": getattr(loaded, "activation_bytes_per_pixel", None)
+        or FALLBACK_ACTIVATION_BYTES,
         "flops_per_pixel": _flops(module, tile) / tile**2,
         "flops_tile": tile,
         "class_1_fraction": balance,
@@ -119,6 +120,16 @@ def _make_model(work: Path, name: str) -> dict[str, Any]:
     }
     meta_path(work, name).write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def block_context(halo: int, size_min: int, size_step: int) -> int:
+    """Smallest context >= ``halo`` that makes ``BLOCK + 2 * context`` a legal input size
+    (``size_min + n * size_step``): the pipeline's context for 1024 px tiles (112 for the
+    depth-4 U-Net, whose halo is 107), and the depth a ``map_overlap`` user would choose."""
+    context = halo
+    while BLOCK + 2 * context < size_min or (BLOCK + 2 * context - size_min) % size_step:
+        context += 1
+    return context
 
 
 INIT_RECIPE = {
@@ -286,7 +297,7 @@ def run_whole(work: Path, size: int, name: str, force_strips: bool = False) -> d
     x, crop = _padded(image, meta["context"], _step(meta))
     del image
     result: dict[str, Any] = {"mode": "whole"}
-    need = x.size * (meta["activation_bytes_per_pixel"] or 0.0) * MEMORY_FACTOR
+    need = x.size * meta["activation_bytes_per_pixel"] * MEMORY_FACTOR
     available = _available_bytes()
     result["estimated_bytes"], result["available_bytes"] = need, available
     out = None
@@ -301,7 +312,8 @@ def run_whole(work: Path, size: int, name: str, force_strips: bool = False) -> d
         except (RuntimeError, MemoryError) as exc:
             if "alloc" not in str(exc).lower() and not isinstance(exc, MemoryError):
                 raise
-            result["reason"] = f"allocation failed: {str(exc).splitlines()[0][:120]}"
+            lines = [ln for ln in str(exc).splitlines() if "alloc" in ln.lower()] or ["?"]
+            result["reason"] = f"allocation failed: {lines[-1].strip()[:160]}"
     if out is None:
         result["mode"] = "strips"
         out, result["strip_rows"] = _forward_strips(model, x, crop, meta)
@@ -332,7 +344,7 @@ def _forward_strips(
 
     c, h, w = crop
     step = _step(meta)
-    per_row = x.shape[1] * (meta["activation_bytes_per_pixel"] or 512.0) * MEMORY_FACTOR
+    per_row = x.shape[1] * meta["activation_bytes_per_pixel"] * MEMORY_FACTOR
     budget = min(STRIP_BYTES, 0.5 * _available_bytes())
     rows = max(step, int(budget // per_row - 2 * c) // step * step)
     labels = np.empty((h, w), np.uint8)

@@ -60,6 +60,7 @@ class Execution:
     seconds: float
     filled: int  # NaN/infinite input pixels that were filled
     computed_pixels: int = 0  # of the blocks the model ran on (skipped blocks not counted)
+    submit_seconds: float = 0.0  # building and submitting the tasks (grows with the blocks)
 
 
 def execute_blocks(
@@ -101,6 +102,7 @@ def execute_blocks(
         futures += client.map(write_skipped_block, skips, spec=shared, key=skip_keys, retries=cfg.retries)
         index_of.update(zip(skip_keys, skips))
         keys += skip_keys
+    submitted = time.perf_counter() - start
     filled = pixels = 0
     watch = WorkerWatch(client, parse_timedelta(cfg.worker_timeout))
     pending = as_completed(futures)
@@ -133,7 +135,7 @@ def execute_blocks(
         client.cancel(futures + [shared], force=True)
         raise
     counts.retried = _retried_blocks(client, keys, cfg.retries)
-    return Execution(time.perf_counter() - start, filled, pixels)
+    return Execution(time.perf_counter() - start, filled, pixels, submitted)
 
 
 class WorkerWatch:

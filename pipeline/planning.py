@@ -7,7 +7,7 @@ person reads it (``pipeline plan``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,18 +19,19 @@ from .errors import EvaluationError, PipelineError
 from .evaluation import EvaluationSpec
 from .io import fs
 from .io.images import ImageReader, ImageSpec, open_image
-from .io.labels import check_output_free, is_label_volume, label_dtype
+from .io.labels import check_output_free, is_label_volume, label_dtype, recorded_run
 from .io.locations import check_not_an_input, check_writable
 from .io.locks import check_unlocked, store_lock_path
 from .models.loading import LoadedModel, check_declared_halo, load_model, needs_halo_probe
 from .models.probe import probe_size
+from .autotile import TileChoice
 from .probe_samples import probe_samples
 from .scorecard import ReportFiles
+from .sizing import TaskMemory, choose_plan, estimate_task_bytes, task_budget
 from .skip_blocks import plan_skips
 from .skipping import SkipPlan
-from .tiling import TilePlan, plan_tiles
+from .tiling import TilePlan
 
-MEMORY_BUDGET = 2 << 30  # per task, for tiling.tile: auto
 SEGMENT_NOTE_BYTES = 64 << 20
 
 
@@ -45,6 +46,13 @@ class Prepared:
     normalize: NormalizeConfig
     notes: tuple[str, ...] = ()
     skip: SkipPlan | None = None  # tiling.skip: the rules, and the blocks the mask skips
+    tile_choice: TileChoice | None = None  # how tiling.tile: auto chose the tile
+    memory: TaskMemory | None = None  # a block task's memory, by tile size
+
+    @property
+    def task_bytes(self) -> int | None:
+        """Estimated peak bytes of one block task (None: the model's memory is unknown)."""
+        return None if self.memory is None else estimate_task_bytes(self.plan, self.memory)
 
     @property
     def label_dtype(self) -> np.dtype:
@@ -194,7 +202,8 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
         samples = probe_samples(image, normalize, size, wf.tiling.mirror, non_finite_fill(wf))
         check_declared_halo(model, cfg, samples)
     batch = 1 if wf.inference.batch_size == "auto" else int(wf.inference.batch_size)
-    plan = make_plan(wf, image, model, batch)
+    shape = cluster_shape(wf.cluster, wf.inference.device)
+    plan, choice, memory = choose_plan(wf, image, model, batch, shape, kept_tile(wf) if resume else None)
     chunk = wf.output.chunk
     if chunk is not None and any(b % chunk for b in plan.block_shape):
         raise PipelineError(
@@ -220,13 +229,15 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
         image,
         model,
         plan,
-        cluster_shape(wf.cluster, wf.inference.device),
+        shape,
         truth,
         normalize,
         tuple(notes),
         plan_skips(wf, image, plan),
+        choice,
+        memory,
     )
-    check_cluster(wf.cluster, wf.inference.device, estimate_task_bytes(prepared))
+    check_cluster(wf.cluster, wf.inference.device, prepared.task_bytes or 0)
     return prepared
 
 
@@ -300,20 +311,20 @@ def effective_normalization(wf: Workflow, model: LoadedModel) -> NormalizeConfig
     return model.normalize
 
 
-def make_plan(wf: Workflow, image: ImageReader, model: LoadedModel, batch_size: int) -> TilePlan:
-    """The tile plan of a workflow for a given batch size (tiles per block)."""
-    cfg = wf.model
-    act = model.activation_bytes_per_pixel or 0.0
-    return plan_tiles(
-        image.shape,
-        model.geometry,
-        tile=None if wf.tiling.tile == "auto" else int(wf.tiling.tile),
-        mirror=wf.tiling.mirror,
-        batch_size=batch_size,
-        halo=None if isinstance(cfg, DeclaredGeometry) or cfg.halo == "auto" else int(cfg.halo),
-        bytes_per_read_pixel=4.0 * (image.channels + cfg.num_classes) + act,
-        memory_budget=MEMORY_BUDGET,
-    )
+def kept_tile(wf: Workflow) -> int | None:
+    """With ``tiling.tile: auto``, the tile an interrupted run of this output chose: a resume
+    on another machine (another memory, other cores) must not choose another."""
+    if wf.tiling.tile != "auto":
+        return None
+    record = recorded_run(wf.output.path) if is_label_volume(wf.output.path) else None
+    tiles = (record or {}).get("plan", {}).get("tile")
+    return max(tiles) if isinstance(tiles, list) and tiles and all(isinstance(t, int) for t in tiles) else None
+
+
+def replan(p: Prepared, batch_size: int) -> Prepared:
+    """The plan again for another batch size (tiles per block), e.g. one measured on a GPU."""
+    plan, choice, memory = choose_plan(p.workflow, p.image, p.model, batch_size, p.cluster)
+    return replace(p, plan=plan, tile_choice=choice, memory=memory)
 
 
 def describe_plan(p: Prepared) -> str:
@@ -345,16 +356,19 @@ def describe_plan(p: Prepared) -> str:
         f"shift period {geo.shift_period}, legal inputs {geo.describe_sizes()}",
         f"normalise  {describe_normalization(p.normalize)}",
         f"tiles      write box {tile}, read box {read} (context {plan.context} px per side)",
-        f"           tile sizes are multiples of {geo.tile_multiple}; {plan.n_tiles} tiles",
+        f"           {_tile_reason(p)}",
+        f"           tile sizes are multiples of {geo.tile_multiple}; {plan.n_tiles} tiles; overlap "
+        f"{plan.overlap:.2f}x (pixels computed per image pixel)",
         f"borders    mirrored ({plan.mirror}): {plan.context} px before the first row/column, "
         f"{' / '.join(map(str, far))} px after the last (rows / columns)",
         f"tasks      {' x '.join(map(str, plan.grid))} = {plan.n_blocks} blocks, "
         f"{'x'.join(map(str, plan.block_tiles))} tiles each (one forward pass per block)"
         + (", batch size auto: chosen from free GPU memory at run start" if wf.inference.batch_size == "auto" else ""),
         f"runtime    device {wf.inference.device}, {wf.inference.precision}, "
-        f"channels_last {wf.inference.channels_last}, test-time augmentation {wf.inference.tta}",
-        f"memory     ~{format_bytes(estimate_task_bytes(p))} per task"
-        + ("" if p.model.activation_bytes_per_pixel else " + model activations (unknown for a model declared by file)"),
+        f"channels_last {wf.inference.channels_last}, torch threads {wf.inference.torch_threads}, "
+        f"test-time augmentation {wf.inference.tta}"
+        + (" (auto: measured on a worker at run start)" if "auto" in (wf.inference.channels_last, wf.inference.torch_threads) else ""),
+        f"memory     {_memory_line(p)}",
         f"output     {fs.redact(wf.output.path)} ({p.label_dtype}, {_layout(wf, plan.block_shape)})",
     ]
     if wf.evaluation is not None:
@@ -364,6 +378,26 @@ def describe_plan(p: Prepared) -> str:
     lines.append(f"cluster    {p.cluster.describe()}")
     lines += [f"note       {n}" for n in p.notes]
     return "\n".join(lines)
+
+
+def _tile_reason(p: Prepared) -> str:
+    choice = p.tile_choice
+    if choice is None:
+        return f"tiling.tile: {p.workflow.tiling.tile} as set"
+    if choice.task_bytes is None and "interrupted" in choice.limit:
+        return f"tiling.tile: auto: {choice.limit}"
+    budget = task_budget(p.workflow, p.cluster)
+    return (
+        f"tiling.tile: auto: the fastest tile whose task fits {format_bytes(budget.task_bytes)} "
+        f"({budget.source}); larger ones are bounded by {choice.limit or 'nothing'}"
+    )
+
+
+def _memory_line(p: Prepared) -> str:
+    task = p.task_bytes
+    if task is None:
+        return "unknown: the model's memory could not be measured (tiles up to 1024 px with tile: auto)"
+    return f"~{format_bytes(task)} per task (source, batch, the model's tensors measured at this size, labels)"
 
 
 def describe_normalization(cfg: NormalizeConfig) -> str:
@@ -381,21 +415,6 @@ def describe_normalization(cfg: NormalizeConfig) -> str:
 
 def _values(v: float | tuple[float, ...]) -> str:
     return f"{v:g}" if isinstance(v, float) else "[" + ", ".join(f"{x:g}" for x in v) + "]"
-
-
-def estimate_task_bytes(p: Prepared) -> int:
-    """Peak bytes of one block task: source read, float copies, batch, activations, logits."""
-    plan, img = p.plan, p.image
-    read_px = int(np.prod(plan.max_block_read_shape))
-    tiles = int(np.prod(plan.block_tiles))
-    tile_px = int(np.prod(plan.read_shape))
-    out_px = int(np.prod([t + 2 * (plan.context - plan.geometry.trim) for t in plan.tile]))
-    source = read_px * img.channels * (img.dtype.itemsize + 4)
-    batch = tiles * tile_px * img.channels * 4 * 2  # numpy stack + tensor
-    acts = tiles * tile_px * (p.model.activation_bytes_per_pixel or 0.0)
-    logits = tiles * out_px * p.workflow.model.num_classes * 4
-    labels = int(np.prod(plan.block_shape)) * 8
-    return int(source + batch + acts + logits + labels)
 
 
 def _params(params: dict[str, Any]) -> str:

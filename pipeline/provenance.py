@@ -24,7 +24,16 @@ from .tiling import TilePlan
 
 # Workflow fields that never change a label: where it goes, how it is scheduled, how the
 # result is scored, and how many tiles share a forward pass.
-NOT_LABEL_FIELDS = {"output": None, "evaluation": None, "cluster": None, "inference": {"batch_size"}}
+# How fast, not what: the batch, the threads and the memory share (the plan, which they
+# may change with tile: auto, is a fingerprint of its own; channels_last is resolved once per
+# volume and kept for its resume).
+NOT_LABEL_FIELDS = {
+    "output": None,
+    "evaluation": None,
+    "cluster": None,
+    "inference": {"batch_size", "torch_threads"},
+    "tiling": {"memory_share"},
+}
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSW|CREDENTIAL|AUTH|PRIVATE|(^|_)KEY($|_)|ACCESS_KEY", re.IGNORECASE)
 REDACTED = "<redacted>"
 PACKAGES = ("torch", "numpy", "dask", "distributed", "zarr", "tifffile", "dask-jobqueue", "dask-kubernetes")

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from .cluster import Connection, connect
+from .cluster.environment import allocator_environment
 from .config import NormalizeConfig, Workflow
 from .errors import ExecutionError, PipelineError, ResumeRefusedError, RunInterrupted
 from .evaluation import LabelPair
@@ -43,7 +44,7 @@ from .planning import (
     evaluation_spec,
     ignore_mask_spec,
     input_spec,
-    make_plan,
+    replan,
     non_finite_fill,
     prepare,
     report_files,
@@ -55,6 +56,7 @@ from .provenance import public_workflow, run_document, run_fingerprints
 from .report import UNTRAINED_NOTE, format_table, write_json
 from .scorecard import ReportFiles, evaluate_and_report
 from .skip_blocks import plan_skips
+from .tuning import Limits, RuntimeChoice, choose_runtime
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class RunState:
     tiles: int = 0
     megapixels_per_second: float | None = None
     error: str | None = None
+    runtime: dict[str, Any] | None = None  # forward passes at once, torch threads, memory format
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +91,7 @@ class RunState:
             "blocks": self.blocks.as_dict() if self.blocks else None,
             "tiles": self.tiles,
             "megapixels_per_second": self.megapixels_per_second,
+            "runtime": self.runtime,
             "error": self.error,
         }
 
@@ -178,19 +182,21 @@ def _run_connected(
         print(f"cluster    {conn.shape.describe()}", file=out, flush=True)
     if conn.dashboard:
         print(f"dashboard  {conn.dashboard}", file=out, flush=True)
+    _check_allocator(conn, wf, out)
     plan = prepared.plan
     if wf.inference.batch_size == "auto":
         batch = client.submit(
             measure_batch_size, wf.model, wf.inference, plan.read_shape, pure=False,
             resources={"GPU": 1} if conn.gpu_tasks else None,  # measured where blocks will run
         ).result()  # fmt: skip
-        prepared = replace(prepared, plan=make_plan(wf, prepared.image, prepared.model, batch))
+        prepared = replan(prepared, batch)
         plan = prepared.plan
         print(f"batch      {batch} tiles per forward pass (from free device memory)", file=out, flush=True)
         skip = plan_skips(wf, prepared.image, plan)  # the blocks the mask skips, on the new grid
         prepared = replace(prepared, skip=skip)
         if skip is not None:
             print(f"skip       {skip.describe(plan.n_blocks)}", file=out, flush=True)
+    choice = _tune(conn, wf, prepared)
     image = pinned_version(input_spec(wf))
     check_output_location(wf)
     fingerprints = run_fingerprints(wf, prepared.model.identity, plan)
@@ -205,7 +211,9 @@ def _run_connected(
             raise ResumeRefusedError(
                 str(exc).replace("set output.overwrite: true to start over", "run without --resume to start over")
             ) from None
-        normalize = NormalizeConfig.model_validate(check_run(wf.output.path, run_id)["normalization"], strict=False)
+        record = check_run(wf.output.path, run_id)
+        normalize = NormalizeConfig.model_validate(record["normalization"], strict=False)
+        choice = _kept_memory_format(choice, record)
         print(
             f"resume     {len(done)} of {plan.n_blocks} blocks were written by the interrupted "
             f"run {run_id[:8]}; computing the other {plan.n_blocks - len(done)}",
@@ -221,7 +229,7 @@ def _run_connected(
             shape=plan.image_shape,
             chunks=plan.block_shape,
             dtype=prepared.label_dtype,
-            provenance={**_provenance(prepared, normalize), "fingerprints": fingerprints},
+            provenance={**_provenance(prepared, normalize), "runtime": choice.as_dict(), "fingerprints": fingerprints},
             overwrite=wf.output.overwrite,
             reports=reports,
             inner_chunks=(wf.output.chunk,) * len(plan.block_shape) if wf.output.chunk else None,
@@ -229,6 +237,8 @@ def _run_connected(
         )
     timings["normalization"] = time.perf_counter() - t
     state.run_id = run_id
+    state.runtime = choice.as_dict()
+    print(f"runtime    {choice.describe()}", file=out, flush=True)
     spec = InferenceSpec(
         image=image,
         model=wf.model,
@@ -237,8 +247,9 @@ def _run_connected(
         output_path=wf.output.path,
         run_id=run_id,
         label_dtype=str(prepared.label_dtype),
-        inference=wf.inference,
-        torch_threads=conn.shape.torch_threads,
+        inference=wf.inference.model_copy(update={"channels_last": choice.channels_last}),
+        torch_threads=choice.torch_threads,
+        compute_slots=choice.slots,
         fill_value=non_finite_fill(wf),
         skip=prepared.skip.rule if prepared.skip else None,
     )
@@ -262,6 +273,7 @@ def _run_connected(
         finally:
             state.cluster = {"description": conn.shape.describe(), **_describe(conn)}
     timings["predict"] = execution.seconds
+    timings["submit"] = execution.submit_seconds
     computed_pixels = execution.computed_pixels  # by the model: skipped blocks are not in the rate
     state.tiles = plan.n_tiles - resumed_tiles
     state.megapixels_per_second = round(computed_pixels / execution.seconds / 1e6, 4) if execution.seconds else None
@@ -295,6 +307,40 @@ def _run_connected(
         return _evaluate(wf, prepared, out)
     finally:
         timings["evaluate"] = time.perf_counter() - t
+
+
+def _tune(conn: Connection, wf: Workflow, prepared: Prepared) -> RuntimeChoice:
+    """Forward passes at once, torch threads each and memory format, measured on a worker
+    where blocks run (or as configured), within its cores and memory."""
+    shape = conn.shape
+    memory = None if shape.memory_per_worker is None else int(shape.memory_per_worker * wf.tiling.memory_share)
+    limits = Limits(shape.slots, shape.cores_per_worker, prepared.task_bytes or 0, memory, shape.torch_threads)
+    return conn.client.submit(
+        choose_runtime, wf.model, wf.inference, prepared.model.geometry, prepared.plan.read_shape, limits,
+        pure=False, resources={"GPU": 1} if conn.gpu_tasks else None,
+    ).result()  # fmt: skip
+
+
+def _check_allocator(conn: Connection, wf: Workflow, out: TextIO) -> None:
+    """Workers someone else started may lack the allocator settings: say so, and how."""
+    if wf.cluster.allocator != "tuned" or conn.gpu_tasks:
+        return
+    tuned = conn.allocator_tuned()
+    missing = sum(1 for ok in tuned.values() if not ok)
+    if missing:
+        exports = " ".join(f"{k}={v}" for k, v in allocator_environment().items())
+        print(
+            f"note       {missing} of {len(tuned)} workers run without the tuned allocator "
+            f"settings (forward passes up to 2x slower on CPUs); start them with: {exports}",
+            file=out,
+            flush=True,
+        )
+
+
+def _kept_memory_format(choice: RuntimeChoice, record: dict[str, Any]) -> RuntimeChoice:
+    """A resumed volume keeps the memory format its run measured (it may round logits apart)."""
+    kept = (record.get("runtime") or {}).get("channels_last")
+    return replace(choice, channels_last=kept) if isinstance(kept, bool) else choice
 
 
 def _describe(conn: Connection) -> dict[str, Any]:

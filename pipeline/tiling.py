@@ -29,9 +29,6 @@ from .errors import TilingError
 from .geometry import Box
 from .mirror import MirrorMode
 
-AUTO_TILE_START = 1024  # fastest write box on CPUs here (docs/benchmarks.md); GPUs batch tiles instead
-
-
 @dataclass(frozen=True)
 class NetworkGeometry:
     """What the tiler must know of a network (the same along every spatial axis).
@@ -124,9 +121,15 @@ class TilePlan:
     def tile_extents(self) -> tuple[tuple[tuple[int, int], ...], ...]:
         """Per axis, ``(start, size)`` of each tile: full tiles, then a shrunk last one."""
         return tuple(
-            _axis_tiles(n, t, self.context, self.geometry)
+            axis_tiles(n, t, self.context, self.geometry)
             for n, t in zip(self.image_shape, self.tile)
         )
+
+    @property
+    def overlap(self) -> float:
+        """Pixels the network computes (every tile's read box) per image pixel."""
+        computed = math.prod(sum(size + 2 * self.context for _, size in ext) for ext in self.tile_extents)
+        return computed / math.prod(self.image_shape)
 
     @property
     def n_tiles(self) -> int:
@@ -163,71 +166,70 @@ def plan_tiles(
     image_shape: tuple[int, ...],
     geometry: NetworkGeometry,
     *,
-    tile: int | None,
+    tile: int,
     mirror: MirrorMode,
     batch_size: int = 1,
     halo: int | None = None,
-    bytes_per_read_pixel: float = 0.0,
-    memory_budget: int = 2 << 30,
 ) -> TilePlan:
-    """Choose tile, context and blocks for an image; explain in a TilingError when impossible.
+    """Context and blocks for an image and a write-box edge (``tile``; ``tiling.tile: auto``
+    chooses one with :func:`pipeline.autotile.choose_tile`); a TilingError says why not.
 
-    ``tile=None`` chooses automatically: the largest legal tile up to 1024 whose batch of
-    read boxes fits ``memory_budget`` at ``bytes_per_read_pixel``. ``halo`` overrides the
-    network's own halo (it may only add context, never remove it).
+    ``halo`` overrides the network's own halo (it may only add context, never remove it).
     """
     if any(n < 1 for n in image_shape):
         raise TilingError(f"image shape {image_shape}: every axis needs at least one pixel")
-    needed = geometry.halo
-    if halo is not None:
-        if halo < geometry.halo:
-            raise TilingError(
-                f"model.halo: {halo} px is smaller than the receptive-field radius of the "
-                f"{geometry.name} ({geometry.halo} px): tiles would show seams; "
-                f"use halo: auto or at least {geometry.halo}"
-            )
-        needed = halo
+    needed = needed_context(geometry, halo)
     m = geometry.tile_multiple
-    if tile is None:
-        chosen = _auto_tile(geometry, needed, batch_size, bytes_per_read_pixel, memory_budget)
-    else:
-        if tile < 1 or tile % m:
-            lower, upper = (tile // m) * m, (tile // m + 1) * m
-            legal = ", ".join(str(v) for v in (lower, upper) if v > 0)
-            raise TilingError(
-                f"tiling.tile: {tile} is not a legal tile size for the {geometry.name}: tiles "
-                f"must be multiples of {m} (its shift period {geometry.shift_period} and input "
-                f"size step {geometry.size_step}); nearest legal sizes: {legal}"
-            )
-        chosen = tile
+    if tile < 1 or tile % m:
+        lower, upper = (tile // m) * m, (tile // m + 1) * m
+        legal = ", ".join(str(v) for v in (lower, upper) if v > 0)
+        raise TilingError(
+            f"tiling.tile: {tile} is not a legal tile size for the {geometry.name}: tiles "
+            f"must be multiples of {m} (its shift period {geometry.shift_period} and input "
+            f"size step {geometry.size_step}); nearest legal sizes: {legal}"
+        )
+    chosen = tile
     if halo is not None and halo > chosen:
         raise TilingError(
             f"model.halo: {halo} px is larger than allowed: at most the tile size ({chosen} px), "
             f"beyond which a tile's context costs more than 8x its own pixels; "
             f"raise tiling.tile or lower model.halo (the network needs {geometry.halo})"
         )
-    context = _context_for(chosen, needed, geometry)
-    tile_shape = tuple(min(chosen, _round_up(n, m)) for n in image_shape)
+    context = context_for(chosen, needed, geometry)
+    tile_shape = tuple(min(chosen, round_up(n, m)) for n in image_shape)
     return TilePlan(
         image_shape=tuple(image_shape),
         tile=tile_shape,
         context=context,
-        block_tiles=_block_arrangement(batch_size, len(image_shape)),
+        block_tiles=block_arrangement(batch_size, len(image_shape)),
         geometry=geometry,
         mirror=mirror,
     )
 
 
-def _context_for(tile: int, needed: int, geometry: NetworkGeometry) -> int:
+def needed_context(geometry: NetworkGeometry, halo: int | None) -> int:
+    """The context a tile needs: the network's halo, or a larger one the workflow asks for."""
+    if halo is None:
+        return geometry.halo
+    if halo < geometry.halo:
+        raise TilingError(
+            f"model.halo: {halo} px is smaller than the receptive-field radius of the "
+            f"{geometry.name} ({geometry.halo} px): tiles would show seams; "
+            f"use halo: auto or at least {geometry.halo}"
+        )
+    return halo
+
+
+def context_for(tile: int, needed: int, geometry: NetworkGeometry) -> int:
     """Smallest context ``>= needed`` making ``tile + 2 * context`` a legal input size."""
     context = _try_context(tile, needed, geometry)
     if context is not None:
         return context
     largest = ""
     if geometry.size_max is not None:
-        fits = [t for t in range(geometry.tile_multiple, geometry.size_max + 1, geometry.tile_multiple)
-                if _fits(t, needed, geometry)]
-        largest = f"; the largest tile that fits is {fits[-1]}" if fits else "; no tile fits"
+        legal = [t for t in range(geometry.tile_multiple, geometry.size_max + 1, geometry.tile_multiple)
+                 if fits(t, needed, geometry)]
+        largest = f"; the largest tile that fits is {legal[-1]}" if legal else "; no tile fits"
     raise TilingError(
         f"tiling.tile: no context of at least {needed} px makes a tile of {tile} px a legal input "
         f"for the {geometry.name} (legal input sizes: {geometry.describe_sizes()}){largest}"
@@ -244,38 +246,18 @@ def _try_context(tile: int, needed: int, geometry: NetworkGeometry) -> int | Non
     return None
 
 
-def _fits(tile: int, needed: int, geometry: NetworkGeometry) -> bool:
+def fits(tile: int, needed: int, geometry: NetworkGeometry) -> bool:
     return _try_context(tile, needed, geometry) is not None
 
 
-def _auto_tile(
-    geometry: NetworkGeometry, needed: int, batch: int, bytes_per_px: float, budget: int
-) -> int:
-    m = geometry.tile_multiple
-    t = max(m, (AUTO_TILE_START // m) * m)
-    if geometry.size_max is not None:
-        t = min(t, max(m, ((geometry.size_max - 2 * needed) // m) * m))
-    while t > m and not _fits(t, needed, geometry):
-        t -= m
-    while t > m:
-        c = _context_for(t, needed, geometry)
-        if batch * (t + 2 * c) ** 2 * bytes_per_px <= budget:
-            break
-        smaller = max(m, ((t // 2) // m) * m)
-        while smaller > m and not _fits(smaller, needed, geometry):
-            smaller -= m
-        t = smaller
-    return t
-
-
-def _axis_tiles(
+def axis_tiles(
     n: int, tile: int, context: int, geometry: NetworkGeometry
 ) -> tuple[tuple[int, int], ...]:
     m = geometry.tile_multiple
     extents = []
     start = 0
     while start < n:
-        size = min(tile, _round_up(n - start, m))
+        size = min(tile, round_up(n - start, m))
         while not geometry.is_legal_input(size + 2 * context):
             size += m  # only below size_min; terminates because tile itself is legal
         extents.append((start, size))
@@ -283,7 +265,7 @@ def _axis_tiles(
     return tuple(extents)
 
 
-def _block_arrangement(batch_size: int, ndim: int) -> tuple[int, ...]:
+def block_arrangement(batch_size: int, ndim: int) -> tuple[int, ...]:
     """Most nearly square ``rows x cols`` arrangement of ``batch_size`` tiles."""
     if batch_size < 1:
         raise TilingError(f"inference.batch_size: expected an integer >= 1, got {batch_size}")
@@ -293,7 +275,7 @@ def _block_arrangement(batch_size: int, ndim: int) -> tuple[int, ...]:
     return (rows, batch_size // rows)
 
 
-def _round_up(n: int, m: int) -> int:
+def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 

@@ -48,6 +48,7 @@ class Limits:
     cores: int | None
     task_bytes: int  # estimated peak of one block task
     memory_bytes: int | None  # what the worker's concurrent tasks may use; None: unknown
+    gpu_threads: int | None = None  # torch threads of a GPU worker's passes (CPU-side work)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,13 @@ def choose_runtime(
     cores = limits.cores or worker_cores()
     slots_cap = 1 if runtime.cuda else max_slots_for_memory(limits)
     formats = (True, False) if inference.channels_last == "auto" else (bool(inference.channels_last),)
-    candidates = [(1, max(1, cores))] if runtime.cuda else splits(cores, slots_cap)
+    if runtime.cuda:
+        candidates = [(1, limits.gpu_threads or max(1, cores // 2))]
+    elif inference.torch_threads != "auto":
+        threads = int(inference.torch_threads)
+        candidates = [(max(1, min(slots_cap, cores // threads)), threads)]
+    else:
+        candidates = splits(cores, slots_cap)
     if not tune or (len(formats) == 1 and len(candidates) == 1):
         slots, threads = candidates[0]
         return RuntimeChoice(slots, threads, formats[0])

@@ -23,6 +23,7 @@ from typing import Any
 from distributed import Client
 
 from ..config import ClusterConfig
+from .environment import allocator_tuned
 from .shape import ClusterShape
 
 PRELOAD = ["pipeline.worker_preload"]
@@ -100,11 +101,21 @@ class Connection:
             "hosts": sorted({str(w.get("host")) for w in workers}),
             "torch_threads": self.shape.torch_threads,
         }
+        tuned = self.allocator_tuned()
+        if tuned:
+            described["allocator_tuned_workers"] = sum(tuned.values())
         if self.cfg.kind in ("slurm", "pbs", "lsf", "sge"):
             from .jobqueue import job_ids
 
             described["job_ids"] = job_ids(self.client)
         return described
+
+
+    def allocator_tuned(self) -> dict[str, bool]:
+        """Per worker: whether the tuned allocator settings are in effect there (workers
+        on a C library other than glibc are left out)."""
+        found = self.client.run(allocator_tuned)
+        return {address: bool(v) for address, v in found.items() if v is not None}
 
 
 @contextmanager

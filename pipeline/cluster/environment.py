@@ -3,8 +3,10 @@
 Thread pools (OpenMP, MKL, OpenBLAS) size themselves when the process starts, and
 allocator settings (``GLIBC_TUNABLES``, ``MALLOC_*``) are read by the C library before any
 Python runs, so both must be in the environment of the worker before it starts: the
-nanny's ``env`` on a local cluster, ``export`` lines in a jobqueue job script, ``env`` of a
-Kubernetes pod. The user's ``cluster.environment`` comes last and wins.
+nanny's ``pre-spawn-environ`` on a local cluster (its ``env`` is set inside the running
+worker: too late for the C library), ``export`` lines in a jobqueue job script before
+``dask worker`` starts, ``env`` of a Kubernetes pod. The user's ``cluster.environment``
+comes last and wins.
 
 **Allocator settings** (``cluster.allocator: tuned``, the default). glibc's malloc serves
 every large activation (tens to hundreds of MB) from fresh ``mmap`` pages and unmaps it when
@@ -21,7 +23,9 @@ it between blocks, which is the memory its next block needs anyway. Other C libr
 
 from __future__ import annotations
 
+import ctypes
 import shlex
+import threading
 from collections.abc import Mapping
 from typing import Literal
 
@@ -78,13 +82,52 @@ def parse_tunables(text: str) -> dict[str, str]:
     return {name: value for name, value in pairs if name}
 
 
-def allocator_in_effect(env: Mapping[str, str]) -> bool:
-    """Whether a process with environment ``env`` runs with the tuned allocator settings."""
-    tunables = parse_tunables(env.get("GLIBC_TUNABLES", ""))
-    trim = env.get("MALLOC_TRIM_THRESHOLD_")
-    return all(tunables.get(k) == v for k, v in TUNED_TUNABLES.items()) and trim in (None, KEEP)
+def split_spawn_variables(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``(read when a process starts, the rest)``: the C library reads its allocator
+    variables (and the loader ``LD_PRELOAD``) before any Python runs, so a nanny must put
+    them in the environment it spawns the worker with (``distributed.nanny.pre-spawn-environ``);
+    its ``env`` is set inside the worker once it runs, too late for them."""
+    spawn = {k: v for k, v in env.items() if k in ("GLIBC_TUNABLES", "LD_PRELOAD") or k.startswith("MALLOC_")}
+    return spawn, {k: v for k, v in env.items() if k not in spawn}
 
 
 def shell_exports(env: Mapping[str, str]) -> list[str]:
     """``export NAME=value`` lines for a job script, quoted for the shell."""
     return [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
+
+
+def allocator_tuned() -> bool | None:
+    """Whether the tuned allocator settings are in effect in this process: a large block
+    allocated by a thread other than the main one (as a Dask task's) is not ``mmap``-ed.
+    None where the C library is not glibc. Checked, not read from the environment: a
+    variable set after the process started is in ``os.environ`` but not in effect."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        libc.malloc.restype = ctypes.c_void_p
+        libc.malloc.argtypes = [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    found: list[bool] = []
+
+    def probe() -> None:
+        before = libc.mallinfo2().hblkhd
+        block = libc.malloc(PROBE_BYTES)
+        found.append(libc.mallinfo2().hblkhd == before)
+        libc.free(block)
+
+    thread = threading.Thread(target=probe, name="pipeline-allocator-probe")
+    thread.start()
+    thread.join()
+    return found[0] if found else None
+
+
+PROBE_BYTES = 96 << 20  # above a thread arena's largest heap (64 MiB): mmap-ed unless tuned
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    ]

@@ -14,12 +14,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import dask
 import psutil
 from distributed import Client, LocalCluster
 
 from ..config import LocalClusterConfig
 from ..errors import PipelineError
-from .environment import worker_environment
+from .environment import split_spawn_variables, worker_environment
 from .shape import ClusterShape, available_cores, cpu_worker_threads, fixed_concurrency, split_cores
 
 LOOPBACK = "127.0.0.1"
@@ -95,24 +96,44 @@ def check(cfg: LocalClusterConfig, device: str, task_bytes: int) -> ClusterShape
 
 
 @contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment for a while, then as it was."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
 def start(cfg: LocalClusterConfig, found: ClusterShape, preload: list[str]) -> Iterator[Client]:
     """The scheduler's HTTP endpoint takes a random port (two runs never fight over 8787);
     the dashboard is served only where ``cluster.dashboard`` asks."""
     env = worker_environment(found.torch_threads, found.n_workers, cfg.environment, cfg.allocator, os.environ)
     if found.gpus_per_worker and "CUDA_VISIBLE_DEVICES" not in os.environ:
         env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpu_count()))))
-    cluster = LocalCluster(
-        n_workers=found.n_workers,
-        threads_per_worker=found.threads_per_worker,
-        processes=True,
-        host=LOOPBACK,
-        dashboard_address=cfg.dashboard,
-        scheduler_kwargs=None if cfg.dashboard else {"dashboard": False, "dashboard_address": f"{LOOPBACK}:0"},
-        silence_logs=logging.CRITICAL,  # failures reach the user once, summarised by the driver
-        preload=preload,
-        env=env,
-        resources={"GPU": found.threads_per_worker} if found.gpus_per_worker else None,
-    )
+    spawn, after = split_spawn_variables(env)
+    # The nannies (in this process) read pre-spawn-environ when they are made, and let this
+    # process's own variables win over it: both are set while the cluster is made.
+    configured = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": {**configured, **spawn}}), _environ(spawn):
+        cluster = LocalCluster(
+            n_workers=found.n_workers,
+            threads_per_worker=found.threads_per_worker,
+            processes=True,
+            host=LOOPBACK,
+            dashboard_address=cfg.dashboard,
+            scheduler_kwargs=None if cfg.dashboard else {"dashboard": False, "dashboard_address": f"{LOOPBACK}:0"},
+            silence_logs=logging.CRITICAL,  # failures reach the user once, summarised by the driver
+            preload=preload,
+            env=after,
+            resources={"GPU": found.threads_per_worker} if found.gpus_per_worker else None,
+        )
     try:
         with Client(cluster) as client:
             yield client

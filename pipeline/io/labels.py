@@ -455,6 +455,11 @@ def is_label_volume(path: str) -> bool:
     return _status_of(path) is not None
 
 
+def recorded_run(path: str) -> dict[str, Any] | None:
+    """The verified record of the volume at ``path`` (what its run planned and resolved), or None."""
+    return _verified_record(path)
+
+
 def _record(path: str) -> dict[str, Any] | None:
     """The group's ``pipeline`` attribute as stored (unverified), None if there is none."""
     try:

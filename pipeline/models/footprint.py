@@ -1,19 +1,24 @@
-"""Measure a model's memory per input pixel: what ``tiling.tile: auto`` sizes tiles by.
+"""Measure a model's memory at a given input size: what ``tiling.tile: auto`` sizes tiles by.
 
-Counted, not estimated from the architecture, so it holds for any model the pipeline
-runs, TorchScript and torch.export programs included: one forward pass on a small legal
-input under a dispatch mode that sees every tensor the operators create and when it is
-freed. Two numbers per input pixel: the peak of bytes alive at once, and the largest single
-tensor (a CPU convolution whose activation reaches 2 GiB falls to a slow kernel).
-Workspaces inside a kernel and the allocator's slack are not tensors; :data:`SLACK` covers
-them (measured here: a worker's resident memory at the peak of a U-Net forward pass was
-1.2-1.4x the live tensors).
+Counted, not estimated from the architecture, so it holds for every model the pipeline
+runs, TorchScript and torch.export programs included: a forward pass under a dispatch mode
+that sees every tensor the operators create and when it is freed. Two numbers: the peak of
+bytes alive at once, and the largest single tensor (a CPU convolution whose activation
+reaches 2 GiB falls to a slow kernel, DESIGN.md). The pass runs on a copy of the model on
+PyTorch's ``meta`` device, which computes shapes only: exact at any tile size (a valid-
+convolution U-Net needs more per pixel on large tiles than on small ones) in milliseconds.
+A model that cannot run on ``meta`` (data-dependent code) is counted on the CPU at a small
+size and scaled per pixel. Workspaces inside kernels and the allocator's slack are not
+tensors: :data:`SLACK` covers them (measured here: a worker's resident memory at the peak of
+a U-Net pass was 1.2-1.3x the live tensors of the eager module).
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,25 +26,16 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..tiling import NetworkGeometry
-
-SLACK = 1.5
-PROBE_EDGE = 256  # the probe input's edge, at least (then the next legal size)
+SLACK = 1.3
+SMALL_EDGE = 256  # about the CPU fallback's input edge
 
 
 @dataclass(frozen=True)
-class Footprint:
-    """Bytes per input pixel of one forward pass (batch of one, as measured)."""
+class Usage:
+    """Bytes of one forward pass on a batch of inputs."""
 
-    peak_bytes_per_pixel: float  # live tensors at the peak, times SLACK
-    largest_bytes_per_pixel: float  # the largest single tensor
-    probe_edge: int
-
-    def describe(self) -> str:
-        return (
-            f"{self.peak_bytes_per_pixel:.0f} B per input pixel at the peak (largest tensor "
-            f"{self.largest_bytes_per_pixel:.0f} B/px; measured on a {self.probe_edge} px input)"
-        )
+    peak: float  # live tensors at the peak, times SLACK
+    largest: float  # the largest single tensor
 
 
 class _LiveTensors(TorchDispatchMode):
@@ -59,7 +55,7 @@ class _LiveTensors(TorchDispatchMode):
             if not isinstance(t, torch.Tensor):
                 continue
             storage = t.untyped_storage()
-            key, size = storage.data_ptr(), storage.nbytes()
+            key, size = storage._cdata, storage.nbytes()
             if size == 0 or key in self.live:  # a view of a storage already counted
                 continue
             self.live[key] = size
@@ -70,34 +66,56 @@ class _LiveTensors(TorchDispatchMode):
         return out
 
 
-def probe_edge(geometry: NetworkGeometry) -> int:
-    """The smallest legal input edge of at least PROBE_EDGE px and twice the halo."""
-    target = max(PROBE_EDGE, 2 * geometry.halo + 2 * geometry.shift_period)
-    size = geometry.size_min
-    while size < target and (geometry.size_max is None or size + geometry.size_step <= geometry.size_max):
-        size += geometry.size_step
-    return size
-
-
-def measure_footprint(
-    module: nn.Module, in_channels: int, geometry: NetworkGeometry, channels_last: bool = True
-) -> Footprint | None:
-    """One counted forward pass on the CPU; None when the model cannot run under the count."""
-    edge = probe_edge(geometry)
-    x = torch.zeros(1, in_channels, edge, edge)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+def _count(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     counter = _LiveTensors()
-    try:
-        with torch.inference_mode(), counter:
-            out = module(x)
-    except Exception:
-        return None
+    with torch.inference_mode(), counter:
+        out = module(x)
     del out
-    pixels = edge * edge
-    input_bytes = x.numel() * x.element_size()
-    return Footprint(
-        peak_bytes_per_pixel=SLACK * (counter.peak + input_bytes) / pixels,
-        largest_bytes_per_pixel=max(counter.largest, input_bytes) / pixels,
-        probe_edge=edge,
-    )
+    size = x.numel() * x.element_size()
+    return counter.peak + size, max(counter.largest, size)
+
+
+@dataclass
+class FootprintProbe:
+    """``probe(batch, edge)`` -> :class:`Usage` of one pass on ``batch`` square tiles.
+
+    ``small_edge``: a legal input edge for the CPU fallback (near :data:`SMALL_EDGE`).
+    """
+
+    module: nn.Module
+    in_channels: int
+    small_edge: int
+    channels_last: bool = True
+    _meta: nn.Module | None = field(default=None, init=False, repr=False)
+    _meta_failed: bool = field(default=False, init=False, repr=False)
+    _per_pixel: tuple[float, float] | None = field(default=None, init=False, repr=False)
+    _cache: dict[tuple[int, int], Usage | None] = field(default_factory=dict, init=False, repr=False)
+
+    def _input(self, batch: int, edge: int, device: str) -> torch.Tensor:
+        x = torch.zeros(batch, self.in_channels, edge, edge, device=device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __call__(self, batch: int, edge: int) -> Usage | None:
+        if (batch, edge) not in self._cache:
+            self._cache[(batch, edge)] = self._measure(batch, edge)
+        return self._cache[(batch, edge)]
+
+    def _measure(self, batch: int, edge: int) -> Usage | None:
+        if not self._meta_failed:
+            try:
+                if self._meta is None:
+                    with warnings.catch_warnings():  # .to() reads .grad of non-leaf parameters
+                        warnings.simplefilter("ignore")
+                        self._meta = copy.deepcopy(self.module).to("meta")
+                peak, largest = _count(self._meta, self._input(batch, edge, "meta"))
+                return Usage(SLACK * peak, largest)
+            except Exception:  # data-dependent code, an op without a meta kernel: count on the CPU
+                self._meta, self._meta_failed = None, True
+        try:
+            if self._per_pixel is None:
+                peak, largest = _count(self.module, self._input(1, self.small_edge, "cpu"))
+                self._per_pixel = (peak / self.small_edge**2, largest / self.small_edge**2)
+        except Exception:
+            return None
+        pixels = batch * edge * edge
+        return Usage(SLACK * self._per_pixel[0] * pixels, self._per_pixel[1] * pixels)

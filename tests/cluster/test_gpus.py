@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.cluster.environment import shell_exports, worker_environment
+from pipeline.cluster.environment import parse_tunables, shell_exports, split_spawn_variables, worker_environment
 from pipeline.cluster.gpus import assign_devices, device_for_worker, visible_devices, worker_slot
 
 
@@ -51,3 +51,19 @@ def test_worker_environment_sets_thread_pools_and_lets_the_user_win() -> None:
     assert env["OMP_NUM_THREADS"] == "1" and env["PIPELINE_WORKERS_ON_NODE"] == "2"
     assert "export GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1" in shell_exports(env)
     assert shell_exports({"A": "x y"}) == ["export A='x y'"]
+
+
+def test_the_tuned_allocator_is_the_default_and_keeps_tunables_already_set() -> None:
+    keep = str(2**32 - 1)
+    env = worker_environment(1, 1, {})
+    assert parse_tunables(env["GLIBC_TUNABLES"]) == {
+        "glibc.malloc.mmap_threshold": keep, "glibc.malloc.trim_threshold": keep, "glibc.malloc.arena_max": "1",
+    }  # fmt: skip
+    assert env["MALLOC_TRIM_THRESHOLD_"] == keep  # over distributed's pre-spawn 65536
+    inherited = worker_environment(1, 1, {}, inherited={"GLIBC_TUNABLES": "glibc.malloc.arena_max=4:glibc.cpu.x86_ibt=on"})
+    assert parse_tunables(inherited["GLIBC_TUNABLES"])["glibc.malloc.arena_max"] == "4"
+    assert parse_tunables(inherited["GLIBC_TUNABLES"])["glibc.cpu.x86_ibt"] == "on"
+    assert "GLIBC_TUNABLES" not in worker_environment(1, 1, {}, allocator="system")
+    spawn, after = split_spawn_variables({**env, "LD_PRELOAD": "libtcmalloc.so", "MALLOC_ARENA_MAX": "2"})
+    assert set(spawn) == {"GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "MALLOC_ARENA_MAX"}
+    assert "PIPELINE_TORCH_THREADS" in after and not set(spawn) & set(after)

@@ -95,6 +95,7 @@ def _workflow(tmp_path: Path, model: dict, overwrite: bool = False) -> tuple[str
         "input": {"path": "img.tif"},
         "model": {"num_classes": 2, "halo": 2, **model},
         "tiling": {"tile": 32},
+        "inference": {"channels_last": True, "torch_threads": 1},  # nothing measured: blocks run first
         "output": {"path": "out/labels.zarr", "overwrite": overwrite},
         "cluster": {"n_workers": 1, "threads_per_worker": 1},
     }))  # fmt: skip
@@ -248,3 +249,34 @@ def test_workers_start_with_the_environment_and_one_gpu_each() -> None:
     assert by_name[0][0] == "0" and by_name[1][0] == "1"
     torch_threads = conn.shape.torch_threads
     assert all(v[1] == torch_threads and v[2] == str(torch_threads) and v[3] == tunables for v in seen.values())
+
+
+def _allocator_at_start() -> tuple[bool | None, bool]:
+    """In a worker: the check itself, and whether GLIBC_TUNABLES was in the environment the
+    process was started with (what the C library read), not only set since."""
+    from pipeline.cluster.environment import allocator_tuned
+
+    with open("/proc/self/environ", "rb") as f:
+        at_start = b"GLIBC_TUNABLES=" in f.read()
+    return allocator_tuned(), at_start
+
+
+@pytest.mark.parametrize("allocator", ["tuned", "system"])
+def test_the_allocator_settings_are_in_effect_in_the_threads_that_run_blocks(allocator, monkeypatch) -> None:
+    """Set where the C library reads them (before the worker process starts): a large block
+    allocated by a Dask thread stays off mmap. Distributed's nanny ``env`` comes too late."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    with connect(LocalClusterConfig(allocator=allocator), "cpu") as conn:
+        tuned, at_start = conn.client.submit(_allocator_at_start, pure=False).result()
+        described = conn.describe()
+    assert tuned is (allocator == "tuned") and at_start is (allocator == "tuned")
+    assert described.get("allocator_tuned_workers", 0) == (1 if allocator == "tuned" else 0)
+    assert "GLIBC_TUNABLES" not in os.environ  # the driver's own environment is left as it was
+
+
+def test_a_cpu_worker_has_a_thread_beyond_its_compute_slots() -> None:
+    cores = len(os.sched_getaffinity(0))
+    with connect(LocalClusterConfig(), "cpu") as conn:
+        workers = conn.client.scheduler_info()["workers"].values()
+    assert [w["nthreads"] for w in workers] == [cores + 1]
+    assert conn.shape.slots == cores and conn.shape.cores_per_worker == cores

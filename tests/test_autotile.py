@@ -1,0 +1,122 @@
+"""tiling.tile: auto: legal, within memory and the activation limit, fastest for the cluster."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.autotile import BLOCK_COST_PIXELS, TileBudget, choose_tile
+from pipeline.errors import TilingError
+from pipeline.models.unet import unet_geometry
+from pipeline.tiling import NetworkGeometry, plan_tiles
+
+GIB = 2**30
+
+
+def per_pixel(bytes_per_px: float, largest_per_px: float = 0.0, slots: int = 2, memory: int = 4 * GIB) -> TileBudget:
+    return TileBudget(
+        memory=memory,
+        task_bytes=lambda edge: bytes_per_px * edge * edge,
+        largest_bytes=lambda edge: largest_per_px * edge * edge,
+        slots=slots,
+    )
+
+
+def brute_force_time(shape: tuple[int, int], tile: int, geo: NetworkGeometry, slots: int) -> float:
+    """The busiest slot's computed pixels, blocks assigned largest first, from the real plan."""
+    plan = plan_tiles(shape, geo, tile=tile, mirror="reflect")
+    costs = sorted((sum(t.read.size for t in b.tiles) + BLOCK_COST_PIXELS for b in plan.blocks()), reverse=True)
+    loads = [0] * slots
+    for c in costs:
+        loads[loads.index(min(loads))] += c
+    return max(loads)
+
+
+def test_an_8192_image_on_two_slots_gets_sixteen_equal_blocks() -> None:
+    geo = unet_geometry(4, "same")
+    choice = choose_tile((8192, 8192), geo, per_pixel(600.0, 128.0, slots=2, memory=6 * GIB))
+    assert choice.tile == 2048  # 2720 has the same overlap but leaves a slot idle: 9 big blocks on 2
+    assert brute_force_time((8192, 8192), 2048, geo, 2) < brute_force_time((8192, 8192), 2720, geo, 2)
+    assert choice.task_bytes == 600.0 * 2272**2
+
+
+def test_memory_bounds_the_tile_and_says_so() -> None:
+    geo = unet_geometry(4, "same")
+    choice = choose_tile((8192, 8192), geo, per_pixel(600.0, slots=1, memory=GIB))
+    read = choice.tile + 2 * 112
+    assert 600.0 * read**2 <= GIB < 600.0 * (read + 16) ** 2
+    assert choice.limit.startswith("memory: 1.0 GiB per task")
+
+
+def test_no_tensor_reaches_the_slow_kernel_limit() -> None:
+    geo = NetworkGeometry(halo=35)
+    choice = choose_tile((20000, 20000), geo, per_pixel(10.0, largest_per_px=128.0, slots=1, memory=64 * GIB))
+    read = choice.tile + 70
+    assert 128.0 * read**2 < 2**31 <= 128.0 * (read + 200) ** 2
+    assert "slow kernels" in choice.limit
+
+
+def test_a_model_whose_memory_is_unknown_gets_tiles_up_to_1024() -> None:
+    budget = TileBudget(memory=GIB, task_bytes=lambda e: None, largest_bytes=lambda e: None, slots=1)
+    assert choose_tile((8192, 8192), unet_geometry(4, "same"), budget).tile <= 1024
+
+
+def test_a_small_image_is_one_tile_and_a_fixed_size_model_gets_its_only_tile() -> None:
+    assert choose_tile((300, 200), unet_geometry(4, "same"), per_pixel(100.0, slots=1)).tile == 304
+    fixed = NetworkGeometry(halo=10, shift_period=4, size_min=128, size_max=128)
+    assert choose_tile((300, 200), fixed, per_pixel(100.0)).tile == 108
+
+
+def test_no_legal_tile_is_a_clear_error() -> None:
+    geo = NetworkGeometry(halo=70, shift_period=4, size_min=128, size_max=128)
+    with pytest.raises(TilingError, match="tiling.tile: auto: no tile size is a legal input"):
+        choose_tile((300, 300), geo, per_pixel(100.0))
+
+
+geometries = st.sampled_from(
+    [
+        NetworkGeometry(halo=3),
+        unet_geometry(2, "same"),
+        unet_geometry(3, "valid"),
+        NetworkGeometry(halo=7, shift_period=4, size_min=12, size_step=6),
+        NetworkGeometry(halo=8, size_min=16, size_step=16, shift_period=16, size_max=512),
+    ]
+)
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    geo=geometries,
+    shape=st.tuples(st.integers(1, 3000), st.integers(1, 3000)),
+    bytes_per_px=st.floats(1.0, 2000.0),
+    memory=st.integers(1 << 20, 8 * GIB),
+    slots=st.integers(1, 8),
+)
+def test_the_choice_is_legal_fits_and_no_legal_tile_that_fits_is_faster(geo, shape, bytes_per_px, memory, slots) -> None:
+    budget = per_pixel(bytes_per_px, slots=slots, memory=memory)
+    try:
+        choice = choose_tile(shape, geo, budget)
+    except TilingError:
+        return
+    plan = plan_tiles(shape, geo, tile=choice.tile, mirror="reflect")  # legal, or it raises
+    read = choice.tile + 2 * plan.context
+    smallest_legal = min(t for t in range(geo.tile_multiple, 4096, geo.tile_multiple) if _legal(shape, t, geo))
+    assert bytes_per_px * read**2 <= memory or choice.tile == smallest_legal
+    best = brute_force_time(shape, choice.tile, geo, slots)
+    for t in range(geo.tile_multiple, min(choice.tile, 1024), geo.tile_multiple):
+        if _legal(shape, t, geo) and math.ceil(max(shape) / t) <= 40:
+            assert brute_force_time(shape, t, geo, slots) >= best * 0.999 or not _fits(shape, t, geo, bytes_per_px, memory)
+
+
+def _legal(shape: tuple[int, int], t: int, geo: NetworkGeometry) -> bool:
+    try:
+        plan_tiles(shape, geo, tile=t, mirror="reflect")
+    except TilingError:
+        return False
+    return True
+
+
+def _fits(shape: tuple[int, int], t: int, geo: NetworkGeometry, bytes_per_px: float, memory: int) -> bool:
+    plan = plan_tiles(shape, geo, tile=t, mirror="reflect")
+    return bytes_per_px * (t + 2 * plan.context) ** 2 <= memory
