@@ -113,7 +113,8 @@ def pipeline_plan(volume: Path) -> dict[str, Any]:
     try:
         import zarr
 
-        plan = zarr.open_group(str(volume), mode="r").attrs["pipeline"]["plan"]
+        attrs: Any = zarr.open_group(str(volume), mode="r").attrs
+        plan = attrs["pipeline"]["plan"]
         return dict(plan) if isinstance(plan, dict) else {}
     except Exception:  # no volume, another layout: the report says "?" rather than failing
         return {}

@@ -107,7 +107,7 @@ def run_method(method: str, work: Path, size: int, name: str, timeout: float) ->
 
 
 def _run_record(m: Measurement, extra: dict[str, Any]) -> dict[str, Any]:
-    record = {
+    record: dict[str, Any] = {
         "seconds": round(m.seconds, 3),
         "peak_rss_bytes": m.peak_rss_bytes,
         "returncode": m.returncode,
@@ -215,8 +215,9 @@ def agreement(work: Path, size: int, name: str, method: str, tie: float) -> dict
     references = tm.reference_paths(work, size, name)
     if not path.exists() or not all(p.exists() for p in references):
         return None
-    node = zarr.open(str(path), mode="r")
-    labels = np.asarray((node["0"] if isinstance(node, zarr.Group) else node)[...])
+    node: Any = zarr.open(str(path), mode="r")
+    array: Any = node["0"] if isinstance(node, zarr.Group) else node  # the pipeline's: a group
+    labels = np.asarray(array[...])
     ref_labels, ref_margin = (np.load(p, mmap_mode="r") for p in references)
     if labels.shape != ref_labels.shape:
         return {"error": f"shape {labels.shape}, reference {ref_labels.shape}"}
@@ -479,7 +480,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axes[1, col].set_ylim(bottom=0)
         for ax in axes[:, col]:
             size_axis(ax, [r["size"] for r in results])
-    legend = {}  # every method once, whichever column drew it
+    legend: dict[str, Any] = {}  # every method once, whichever column drew it
     for ax in axes[0]:
         legend |= dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
     order = [TITLES[m].replace("`", "") for m in methods] + [PREDICT_LABEL]
@@ -588,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             "methods": args.methods,
             "repeats": args.repeats,
             "tie": args.tie,
-        },  # fmt: skip
+        },
         "results": [],
     }
     try:

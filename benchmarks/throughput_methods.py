@@ -111,8 +111,7 @@ def _make_model(work: Path, name: str) -> dict[str, Any]:
         "size_min": geo.size_min,
         "size_step": geo.size_step,
         "context": context,
-        "activation_bytes_per_pixel": getattr(loaded, "activation_bytes_per_pixel", None)
-        or FALLBACK_ACTIVATION_BYTES,
+        "activation_bytes_per_pixel": _live_bytes_per_pixel(scripted, tile),
         "flops_per_pixel": _flops(module, tile) / tile**2,
         "flops_tile": tile,
         "class_1_fraction": balance,
@@ -162,17 +161,24 @@ def _reinit(module: Any, arch: str) -> float:
     with torch.no_grad():
         for conv in convs:
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
+            nn.init.zeros_(_bias(conv))
         if arch != "unet":
-            convs[-1].bias += 3.0
-        last = [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
+            _bias(convs[-1]).add_(3.0)
+        last = _bias([m for m in module.modules() if isinstance(m, nn.Conv2d)][-1])
         crop, _ = make_demo_image(512, seed=SEED + 1)
         x = torch.from_numpy((crop.astype(np.float32) - MEAN) / STD)[None, None]
         y = module(x)
         shift = float((y[:, 1] - y[:, 0]).median())
-        last.bias[1] -= shift / 2
-        last.bias[0] += shift / 2
+        last[1] -= shift / 2
+        last[0] += shift / 2
         return float((module(x).argmax(1) == 1).float().mean())
+
+
+def _bias(conv: Any) -> Any:
+    """A convolution's bias (every convolution of the built-in networks has one)."""
+    if conv.bias is None:
+        raise SystemExit(f"error: {conv} has no bias to initialise")
+    return conv.bias
 
 
 def _check_saved(module: Any, path: Path, step: int) -> None:
@@ -228,7 +234,7 @@ def run_monai(work: Path, size: int, name: str) -> dict[str, Any]:
     start = time.perf_counter()
     x = torch.from_numpy((image.astype(np.float32) - MEAN) / STD)[None, None]
     with torch.no_grad():
-        logits = sliding_window_inference(
+        logits: Any = sliding_window_inference(
             x, roi_size=MONAI_ROI, sw_batch_size=1, predictor=model,
             overlap=MONAI_OVERLAP, mode="gaussian",
         )  # fmt: skip
@@ -451,3 +457,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _live_bytes_per_pixel(module: Any, edge: int) -> float:
+    """The model's live tensors per input pixel of one pass (pipeline.models.footprint)."""
+    from pipeline.models.footprint import FootprintProbe
+
+    usage = FootprintProbe(module, 1, edge, channels_last=False)(1, edge)
+    return usage.live / edge**2 if usage is not None else FALLBACK_ACTIVATION_BYTES

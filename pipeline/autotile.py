@@ -6,8 +6,10 @@ Three things decide it:
   write box, so larger tiles waste less on context (a U-Net's 112 px context costs 1.49x at
   1024 px, 1.23x at 2048);
 * **memory**: one block task (its batch of tiles) must fit the budget a worker gives each
-  task, and no single tensor may reach :data:`ACTIVATION_LIMIT` (CPU convolutions fall to a
-  slow kernel there, DESIGN.md); both measured on the model at each candidate size;
+  task, no single tensor may reach :data:`ACTIVATION_LIMIT` (CPU convolutions fall to a
+  slow kernel there, DESIGN.md), and on CPUs one forward pass's live tensors stay within
+  :data:`CPU_PASS_LIMIT` (measured: larger passes lose more to memory than they save on
+  the halo); all measured on the model at each candidate size;
 * **parallelism**: the cluster runs ``slots`` forward passes at once; four blocks on three
   slots take two rounds, so a tile that leaves slots idle in the last round loses.
 
@@ -23,9 +25,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import TilingError
-from .tiling import NetworkGeometry, axis_tiles, block_arrangement, context_for, fits, needed_context, round_up
+from .tiling import (
+    NetworkGeometry,
+    axis_tiles,
+    block_arrangement,
+    context_for,
+    fits,
+    needed_context,
+    round_up,
+)
 
 ACTIVATION_LIMIT = 2**31  # bytes of one tensor: CPU kernels fall to a slow path at and beyond it
+# Live tensors of one forward pass on a CPU, at most. Measured here (docs/benchmarks.md), two
+# passes at once on 2 cores: a U-Net (width 16) ran fastest per image pixel at a 1248 px read
+# box (0.73 GiB live) and 15-20% slower at 2272 px (2.4 GiB); a dilated net (32 channels)
+# fastest at 1606 px (0.67 GiB) and 20-30% slower at 2118 px (1.2 GiB). Larger passes stream
+# their tensors through memory instead of cache and page-fault more; their halo saving is lost.
+CPU_PASS_LIMIT = 768 << 20
 BLOCK_COST_PIXELS = 128 * 128  # a block task's fixed cost (scheduling, reads, writes) in pixels
 UNKNOWN_MEMORY_TILE = 1024  # the largest tile when the model's memory cannot be measured
 MAX_CANDIDATES = 512
@@ -43,13 +59,15 @@ class TileBudget:
     largest_bytes: Callable[[int], float | None]
     slots: int = 1
     activation_limit: int = ACTIVATION_LIMIT
+    pass_bytes: Callable[[int], float | None] | None = None  # live tensors of one forward pass
+    pass_limit: int | None = None  # CPU_PASS_LIMIT on CPUs; None on GPUs
 
 
 @dataclass(frozen=True)
 class TileChoice:
     tile: int
     task_bytes: float | None  # estimated peak of one block task
-    limit: str  # what stopped the tile from being larger
+    limit: str  # why not larger
 
 
 def choose_tile(
@@ -68,14 +86,16 @@ def choose_tile(
             f"(legal input sizes: {geometry.describe_sizes()}) with a context of {needed} px"
         )
     block = block_arrangement(batch_size, len(image_shape))
-    largest_fit, limit = _largest_fitting(legal, geometry, needed, budget)
+    largest_fit, bound = _largest_fitting(legal, geometry, needed, budget)
     usable = [t for t in legal if t <= largest_fit] or legal[:1]
-    if limit == "" and usable[-1] == legal[-1]:
-        limit = "the image's size"
+    limit = f"tiles above {usable[-1]} px exceed {bound}" if bound else "no larger tile is needed for this image"
     costs = {t: _estimated_time(image_shape, t, needed, geometry, block, budget.slots) for t in usable}
     best = min(usable, key=lambda t: (costs[t], -t))
     if best < usable[-1]:
-        limit = f"parallelism: {budget.slots} forward pass{'es' * (budget.slots > 1)} at once"
+        limit += (
+            f"; {best} px is faster than {usable[-1]} px: its blocks keep "
+            f"{budget.slots} forward pass{'es' * (budget.slots > 1)} at once busier, or waste less on the halo"
+        )
     context = context_for(best, needed, geometry)
     return TileChoice(
         tile=best,
@@ -113,6 +133,9 @@ def _largest_fitting(
             return f"memory: {budget.memory / 2**30:.1f} GiB per task"
         if largest >= budget.activation_limit:
             return f"a tensor of {budget.activation_limit / 2**30:.0f} GiB (slow kernels beyond)"
+        live = budget.pass_bytes(edge) if budget.pass_bytes is not None else None
+        if budget.pass_limit is not None and live is not None and live > budget.pass_limit:
+            return f"{budget.pass_limit / 2**20:.0f} MiB of live tensors per CPU forward pass (slower beyond)"
         return None
 
     if problem(legal[-1]) is None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .autotile import TileChoice
 from .cluster import ClusterShape, check_cluster, cluster_shape
 from .config import DeclaredGeometry, EvaluationConfig, NormalizeConfig, Workflow
 from .encodings import LabelEncoding
@@ -24,7 +25,6 @@ from .io.locations import check_not_an_input, check_writable
 from .io.locks import check_unlocked, store_lock_path
 from .models.loading import LoadedModel, check_declared_halo, load_model, needs_halo_probe
 from .models.probe import probe_size
-from .autotile import TileChoice
 from .probe_samples import probe_samples
 from .scorecard import ReportFiles
 from .sizing import TaskMemory, choose_plan, estimate_task_bytes, task_budget
@@ -389,7 +389,7 @@ def _tile_reason(p: Prepared) -> str:
     budget = task_budget(p.workflow, p.cluster)
     return (
         f"tiling.tile: auto: the fastest tile whose task fits {format_bytes(budget.task_bytes)} "
-        f"({budget.source}); larger ones are bounded by {choice.limit or 'nothing'}"
+        f"({budget.source}); {choice.limit}"
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from .autotile import TileBudget, TileChoice, choose_tile
+from .autotile import CPU_PASS_LIMIT, TileBudget, TileChoice, choose_tile
 from .cluster import ClusterShape
 from .config import DeclaredGeometry, Workflow
 from .io.images import ImageReader
@@ -46,12 +46,18 @@ class TaskMemory:
         usage = self.probe(self.batch, max(read_shape)) if self.probe is not None else None
         return None if usage is None else usage.largest
 
+    def pass_at(self, read_shape: tuple[int, ...]) -> float | None:
+        """Live tensors of one forward pass (the whole batch)."""
+        usage = self.probe(self.batch, max(read_shape)) if self.probe is not None else None
+        return None if usage is None else usage.live
+
 
 @dataclass(frozen=True)
 class Budget:
     task_bytes: int  # what one block task may use
     slots: int  # forward passes the whole cluster runs at once
     source: str  # how it was derived, for the plan
+    on_gpu: bool = False
 
 
 def task_memory(image: ImageReader, model: LoadedModel, batch: int) -> TaskMemory:
@@ -73,7 +79,7 @@ def task_budget(wf: Workflow, shape: ClusterShape) -> Budget:
     slots = max(1, shape.n_workers * shape.slots)
     free_gpu = _free_gpu_memory(wf.inference.device) if shape.gpus_per_worker else None
     if free_gpu is not None:
-        return Budget(int(free_gpu * share), slots, f"{share:.0%} of {_gib(free_gpu)} free GPU memory")
+        return Budget(int(free_gpu * share), slots, f"{share:.0%} of {_gib(free_gpu)} free GPU memory", True)
     if shape.memory_per_worker is not None:
         per_worker, whose = shape.memory_per_worker, "per worker"
     else:
@@ -112,6 +118,8 @@ def choose_plan(
                 task_bytes=lambda edge: memory.bytes_at((edge,) * len(image.shape)),
                 largest_bytes=lambda edge: memory.largest_at((edge,) * len(image.shape)),
                 slots=budget.slots,
+                pass_bytes=lambda edge: memory.pass_at((edge,) * len(image.shape)),
+                pass_limit=None if budget.on_gpu else CPU_PASS_LIMIT,
             ),
             batch_size=batch,
             halo=halo,

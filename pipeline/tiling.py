@@ -29,6 +29,7 @@ from .errors import TilingError
 from .geometry import Box
 from .mirror import MirrorMode
 
+
 @dataclass(frozen=True)
 class NetworkGeometry:
     """What the tiler must know of a network (the same along every spatial axis).

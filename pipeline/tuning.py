@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .cluster.environment import CORES, WORKERS_ON_NODE
 from .config import InferenceConfig, ModelConfig
 from .inference import cached_module, worker_index
 from .io import cache
@@ -205,12 +206,14 @@ def _concurrent_pass(module: torch.nn.Module, x: np.ndarray, runtime: Runtime, s
 
 
 def worker_cores() -> int:
-    """Cores this worker may use: the process's CPU affinity shared by the workers on its node."""
-    from .cluster.environment import WORKERS_ON_NODE
-
+    """Cores this worker may use: ``PIPELINE_CORES`` where the backend (or a job script, a
+    pod spec) says, else the process's CPU affinity shared by the workers on its node."""
+    declared = os.environ.get(CORES, "")
+    if declared.isdigit() and int(declared) > 0:
+        return int(declared)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    on_node = int(os.environ.get(WORKERS_ON_NODE, "1") or 1)
-    return max(1, cores // max(1, on_node))
+    on_node = os.environ.get(WORKERS_ON_NODE, "1")
+    return max(1, cores // max(1, int(on_node) if on_node.isdigit() else 1))
 
 
 def machine() -> dict[str, object]:

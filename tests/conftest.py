@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from pipeline.io.cache import CACHE_DIR
 from pipeline.io.ownership import KEY_ENV
 
 
@@ -26,6 +27,19 @@ def signing_key(tmp_path_factory) -> str:
         os.environ.pop(KEY_ENV, None)
     else:
         os.environ[KEY_ENV] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def measurement_cache(tmp_path_factory) -> str:
+    """Runtime measurements cached in the session's own folder, not the user's cache."""
+    path = str(tmp_path_factory.mktemp("cache"))
+    previous = os.environ.get(CACHE_DIR)
+    os.environ[CACHE_DIR] = path
+    yield path
+    if previous is None:
+        os.environ.pop(CACHE_DIR, None)
+    else:
+        os.environ[CACHE_DIR] = previous
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -184,3 +184,38 @@ class SlowBoxFilter(BoxFilterNet):
             with open(self.log, "a") as f:
                 f.write(f"{os.getpid()}\n")
         return super().forward(x)
+
+
+class ConcurrencyLog(BoxFilterNet):
+    """A box filter that sleeps ``seconds`` per forward pass in a Dask task and logs when
+    each began and ended (``log``: one ``start end`` line each): how many ran at once."""
+
+    def __init__(self, radius: int, weight: list, log: str, seconds: float = 0.3) -> None:
+        super().__init__(radius, np.asarray(weight))
+        self.log, self.seconds = log, seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            from distributed import get_worker
+
+            get_worker()
+        except ValueError:
+            return super().forward(x)
+        if not bool(x.any()):  # the loader's probe pass on zeros (on the worker too)
+            return super().forward(x)
+        start = time.time()
+        time.sleep(self.seconds)
+        out = super().forward(x)
+        with open(self.log, "a") as f:
+            f.write(f"{start} {time.time()}\n")
+        return out
+
+
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    """The largest number of ``(start, end)`` intervals that overlap at one time."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    current = best = 0
+    for _, step in events:
+        current += step
+        best = max(best, current)
+    return best

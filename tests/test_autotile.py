@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.autotile import BLOCK_COST_PIXELS, TileBudget, choose_tile
+from pipeline.autotile import BLOCK_COST_PIXELS, CPU_PASS_LIMIT, TileBudget, choose_tile
 from pipeline.errors import TilingError
 from pipeline.models.unet import unet_geometry
 from pipeline.tiling import NetworkGeometry, plan_tiles
@@ -46,7 +46,7 @@ def test_memory_bounds_the_tile_and_says_so() -> None:
     choice = choose_tile((8192, 8192), geo, per_pixel(600.0, slots=1, memory=GIB))
     read = choice.tile + 2 * 112
     assert 600.0 * read**2 <= GIB < 600.0 * (read + 16) ** 2
-    assert choice.limit.startswith("memory: 1.0 GiB per task")
+    assert choice.limit.startswith(f"tiles above {choice.tile} px exceed memory: 1.0 GiB per task")
 
 
 def test_no_tensor_reaches_the_slow_kernel_limit() -> None:
@@ -55,6 +55,19 @@ def test_no_tensor_reaches_the_slow_kernel_limit() -> None:
     read = choice.tile + 70
     assert 128.0 * read**2 < 2**31 <= 128.0 * (read + 200) ** 2
     assert "slow kernels" in choice.limit
+
+
+def test_a_cpu_pass_stays_within_its_live_tensor_limit() -> None:
+    geo = unet_geometry(4, "same")
+    budget = TileBudget(
+        memory=64 * GIB, task_bytes=lambda e: 600.0 * e * e, largest_bytes=lambda e: 128.0 * e * e,
+        slots=1, pass_bytes=lambda e: 468.0 * e * e, pass_limit=CPU_PASS_LIMIT,
+    )  # fmt: skip
+    choice = choose_tile((8192, 8192), geo, budget)
+    assert 468.0 * (choice.tile + 224) ** 2 <= CPU_PASS_LIMIT < 468.0 * (choice.tile + 224 + 32) ** 2
+    assert "live tensors per CPU forward pass" in choice.limit
+    gpu = TileBudget(memory=64 * GIB, task_bytes=budget.task_bytes, largest_bytes=budget.largest_bytes, slots=1)
+    assert choose_tile((8192, 8192), geo, gpu).tile > choice.tile  # no such limit on a GPU
 
 
 def test_a_model_whose_memory_is_unknown_gets_tiles_up_to_1024() -> None:

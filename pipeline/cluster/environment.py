@@ -32,6 +32,7 @@ from typing import Literal
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 TORCH_THREADS = "PIPELINE_TORCH_THREADS"  # read by pipeline.worker_preload
 WORKERS_ON_NODE = "PIPELINE_WORKERS_ON_NODE"  # GPU slots of this node (see .gpus)
+CORES = "PIPELINE_CORES"  # cores a worker's forward passes may use (a pod's limit, a job's share)
 
 KEEP = str(2**32 - 1)
 TUNED_TUNABLES = {
@@ -53,6 +54,7 @@ def worker_environment(
     user: Mapping[str, str],
     allocator: Allocator = "tuned",
     inherited: Mapping[str, str] | None = None,
+    cores: int | None = None,
 ) -> dict[str, str]:
     """Variables every worker process starts with; ``user`` (``cluster.environment``) wins.
 
@@ -64,6 +66,8 @@ def worker_environment(
         env |= {name: str(torch_threads) for name in THREAD_VARIABLES}
         env[TORCH_THREADS] = str(torch_threads)
     env[WORKERS_ON_NODE] = str(workers_on_node)
+    if cores is not None:
+        env[CORES] = str(cores)
     if allocator == "tuned":
         env |= allocator_environment((inherited or {}).get("GLIBC_TUNABLES", ""))
     return env | dict(user)

@@ -60,7 +60,7 @@ def shape(cfg: JobqueueClusterConfig, device: str) -> ClusterShape:
         cfg.kind,
         high * processes,
         threads,
-        split_cores(cfg.cores, processes, slots),
+        split_cores(cfg.cores, processes, threads if gpu else slots),
         1 if gpu else 0,
         details=(f"{jobs} job{'s' * (high > 1)} of {cfg.cores} cores, {cfg.memory}, {cfg.walltime}",),
         compute_slots=slots,
@@ -100,7 +100,9 @@ def check(cfg: JobqueueClusterConfig, device: str, task_bytes: int) -> ClusterSh
 
 def cluster_kwargs(cfg: JobqueueClusterConfig, found: ClusterShape, preload: list[str]) -> dict[str, Any]:
     """The jobqueue constructor's arguments (pure: tested against each scheduler's header)."""
-    env = worker_environment(found.torch_threads, cfg.worker_processes, cfg.environment, cfg.allocator)
+    env = worker_environment(
+        found.torch_threads, cfg.worker_processes, cfg.environment, cfg.allocator, cores=found.cores_per_worker
+    )
     extra = [arg for name in preload for arg in ("--preload", name)]
     if found.gpus_per_worker:
         extra += ["--resources", f"GPU={found.threads_per_worker}"]

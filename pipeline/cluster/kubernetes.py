@@ -46,7 +46,7 @@ def shape(cfg: KubernetesClusterConfig, device: str) -> ClusterShape:
         "kubernetes",
         cfg.n_workers,
         threads,
-        split_cores(cores, 1, slots),
+        split_cores(cores, 1, threads if gpu else slots),
         1 if gpu else 0,
         details=(f"DaskCluster {cfg.name} in namespace {cfg.namespace or '(current)'}, image {cfg.image}",),
         compute_slots=slots,
@@ -73,7 +73,7 @@ def _operator() -> Any:
 
 def cluster_spec(cfg: KubernetesClusterConfig, found: ClusterShape, preload: list[str]) -> dict[str, Any]:
     """The ``DaskCluster`` resource: the operator's own spec, shaped for this pipeline."""
-    env = worker_environment(found.torch_threads, 1, cfg.environment, cfg.allocator)
+    env = worker_environment(found.torch_threads, 1, cfg.environment, cfg.allocator, cores=found.cores_per_worker)
     limits = {"cpu": cfg.resources.cpu, "memory": cfg.resources.memory}
     spec: dict[str, Any] = _operator().make_cluster_spec(
         cfg.name,

@@ -114,7 +114,9 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 def start(cfg: LocalClusterConfig, found: ClusterShape, preload: list[str]) -> Iterator[Client]:
     """The scheduler's HTTP endpoint takes a random port (two runs never fight over 8787);
     the dashboard is served only where ``cluster.dashboard`` asks."""
-    env = worker_environment(found.torch_threads, found.n_workers, cfg.environment, cfg.allocator, os.environ)
+    env = worker_environment(
+        found.torch_threads, found.n_workers, cfg.environment, cfg.allocator, os.environ, found.cores_per_worker
+    )
     if found.gpus_per_worker and "CUDA_VISIBLE_DEVICES" not in os.environ:
         env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpu_count()))))
     spawn, after = split_spawn_variables(env)

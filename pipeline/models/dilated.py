@@ -105,11 +105,3 @@ def dilated_geometry(front_depth: int, padding: Padding) -> NetworkGeometry:
         size_step=1,
         name=f"dilated context network ({front_depth}-layer front end, {padding} padding)",
     )
-
-
-def dilated_activation_bytes_per_pixel(
-    front_width: int, in_channels: int, num_classes: int, context: ContextSize
-) -> float:
-    """Rough peak fp32 activation bytes per input pixel: the widest two consecutive maps."""
-    widest = max(front_width, *context_channels(num_classes, context))
-    return 4.0 * (2 * widest + in_channels + num_classes)

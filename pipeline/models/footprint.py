@@ -16,6 +16,7 @@ a U-Net pass was 1.2-1.3x the live tensors of the eager module).
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -36,6 +37,11 @@ class Usage:
 
     peak: float  # live tensors at the peak, times SLACK
     largest: float  # the largest single tensor
+
+    @property
+    def live(self) -> float:
+        """Live tensors at the peak, as counted."""
+        return self.peak / SLACK
 
 
 class _LiveTensors(TorchDispatchMode):
@@ -64,6 +70,18 @@ class _LiveTensors(TorchDispatchMode):
             self.peak = max(self.peak, self.current)
             weakref.finalize(t, self._freed, key)
         return out
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` on the meta device; the module itself is left as it is."""
+    if isinstance(module, torch.jit.ScriptModule):  # cannot be deep-copied and moved
+        buffer = io.BytesIO()
+        torch.jit.save(module, buffer)
+        buffer.seek(0)
+        return torch.jit.load(buffer, map_location="meta")
+    with warnings.catch_warnings():  # .to() reads .grad of non-leaf parameters
+        warnings.simplefilter("ignore")
+        return copy.deepcopy(module).to("meta")
 
 
 def _count(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
@@ -104,9 +122,7 @@ class FootprintProbe:
         if not self._meta_failed:
             try:
                 if self._meta is None:
-                    with warnings.catch_warnings():  # .to() reads .grad of non-leaf parameters
-                        warnings.simplefilter("ignore")
-                        self._meta = copy.deepcopy(self.module).to("meta")
+                    self._meta = meta_copy(self.module)
                 peak, largest = _count(self._meta, self._input(batch, edge, "meta"))
                 return Usage(SLACK * peak, largest)
             except Exception:  # data-dependent code, an op without a meta kernel: count on the CPU

@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -28,12 +30,12 @@ from ..config import (
     UNetConfig,
 )
 from ..errors import ModelError
-from ..io import fs
+from ..io import cache, fs
 from ..tiling import NetworkGeometry
 from .bioimageio import load_bioimageio
-from .dilated import DilatedContextNet, dilated_activation_bytes_per_pixel, dilated_geometry
-from .probe import probe_reach
-from .unet import UNet, unet_activation_bytes_per_pixel, unet_geometry
+from .dilated import DilatedContextNet, dilated_geometry
+from .probe import ProbeResult, probe_reach
+from .unet import UNet, unet_geometry
 from .user import (
     FixedBatch,
     build_custom,
@@ -44,6 +46,7 @@ from .user import (
 )
 from .weights import apply_state_dict, load_state_dict_file
 
+PROBE_CACHE = "halo-probes"
 MAX_PARAMETER_BYTES = 8 << 30  # fp32 weights; the largest segmentation networks use well under 1 GiB
 
 
@@ -54,7 +57,6 @@ class LoadedModel:
     num_classes: int
     in_channels: int
     identity: dict[str, Any] = field(compare=False)
-    activation_bytes_per_pixel: float | None = None
     normalize: NormalizeConfig | None = None  # preprocessing the model file declares
 
     @property
@@ -98,7 +100,7 @@ def check_declared_halo(
     """
     if not needs_halo_probe(cfg):
         return
-    result = probe_reach(loaded.module, loaded.geometry, cfg.in_channels, samples=samples)
+    result = _cached_probe(loaded, cfg, samples)
     if result.reach > loaded.geometry.halo:
         at_least = "at least " if result.hit_border else ""
         raise ModelError(
@@ -108,6 +110,42 @@ def check_declared_halo(
             f"{loaded.geometry.shift_period}, {result.size} px probe input): tiles would show "
             f"seams; declare halo: {result.reach} or more"
         )
+
+
+def _cached_probe(
+    loaded: LoadedModel, cfg: ModelConfig, samples: Sequence[tuple[str, torch.Tensor]]
+) -> ProbeResult:
+    """The gradient probe (a forward and backward pass per phase and input: a minute for a
+    TorchScript U-Net on 2 cores), remembered for the same file, geometry and samples where
+    the file holds all the model's code (TorchScript, torch.export)."""
+    if not isinstance(cfg, (TorchScriptConfig, ExportConfig)):  # their code may change under the same weights
+        return probe_reach(loaded.module, loaded.geometry, cfg.in_channels, samples=samples)
+    weights = loaded.identity["weights"].get("sha256")
+    if weights is None and cfg.path is not None:
+        weights = file_sha256(cfg.path)
+    digest = hashlib.sha256()
+    for name, sample in samples:
+        digest.update(name.encode() + sample.float().numpy().tobytes())
+    key = json.dumps(
+        {
+            "model": cfg.model_dump(mode="json", exclude={"storage_options", "path"}),
+            "weights": weights,
+            "geometry": repr(loaded.geometry),
+            "samples": digest.hexdigest(),
+            "torch": torch.__version__,
+        },
+        sort_keys=True,
+    )
+    key = hashlib.sha256(key.encode()).hexdigest()[:32]
+    found = cache.lookup(PROBE_CACHE, key)
+    if isinstance(found, dict):
+        try:
+            return ProbeResult(**found)
+        except TypeError:
+            pass
+    result = probe_reach(loaded.module, loaded.geometry, cfg.in_channels, samples=samples)
+    cache.store(PROBE_CACHE, key, asdict(result))
+    return result
 
 
 def needs_halo_probe(cfg: ModelConfig) -> bool:
@@ -150,14 +188,10 @@ def _build_builtin(cfg: UNetConfig | DilatedConfig, device: str) -> LoadedModel:
         identity["weights"] = {"path": fs.redact(cfg.path) if cfg.path else None}
     if isinstance(cfg, UNetConfig):
         geometry = unet_geometry(cfg.depth, cfg.padding)
-        act = unet_activation_bytes_per_pixel(cfg.width, cfg.in_channels, cfg.num_classes)
     else:
         geometry = dilated_geometry(cfg.front_depth, cfg.padding)
-        act = dilated_activation_bytes_per_pixel(
-            cfg.front_width, cfg.in_channels, cfg.num_classes, cfg.context
-        )
     module.eval().to(device)
-    return LoadedModel(module, geometry, cfg.num_classes, cfg.in_channels, identity, act)
+    return LoadedModel(module, geometry, cfg.num_classes, cfg.in_channels, identity)
 
 
 def _load_declared(cfg: TorchScriptConfig | ExportConfig | CustomConfig, device: str) -> LoadedModel:
@@ -176,7 +210,7 @@ def _load_declared(cfg: TorchScriptConfig | ExportConfig | CustomConfig, device:
     else:
         weights = {"path": fs.redact(cfg.path) if cfg.path else None}
     identity = {"arch": cfg.arch, "params": architecture_params(cfg), "weights": weights}
-    return LoadedModel(module, geometry, cfg.num_classes, cfg.in_channels, identity, None)
+    return LoadedModel(module, geometry, cfg.num_classes, cfg.in_channels, identity)
 
 
 def _load_bioimageio(cfg: BioimageioConfig, device: str) -> LoadedModel:
@@ -204,7 +238,7 @@ def _load_bioimageio(cfg: BioimageioConfig, device: str) -> LoadedModel:
         "params": architecture_params(cfg),
         "weights": {"path": fs.redact(cfg.path) if cfg.path else None, "description": desc.name, "format_version": desc.version},
     }
-    return LoadedModel(module, geometry, cfg.num_classes, cfg.in_channels, identity, None, desc.normalize)
+    return LoadedModel(module, geometry, cfg.num_classes, cfg.in_channels, identity, desc.normalize)
 
 
 def file_sha256(path: str) -> str:

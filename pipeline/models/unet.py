@@ -181,12 +181,3 @@ def unet_geometry(depth: int, padding: Padding) -> NetworkGeometry:
         size_step=size_step,
         name=f"U-Net (depth {depth}, {padding} padding)",
     )
-
-
-def unet_activation_bytes_per_pixel(width: int, in_channels: int, num_classes: int) -> float:
-    """Rough peak fp32 activation bytes per input pixel during inference.
-
-    The kept skips cost about ``2 * width`` channels at full resolution (a geometric series
-    over levels); the widest step at level 0 holds the concatenation and two conv outputs.
-    """
-    return 4.0 * (2 * width + 4 * width + in_channels + num_classes)

@@ -107,7 +107,8 @@ def declared_geometry(
     file_rule: SizeRule | None = None,
 ) -> NetworkGeometry:
     """Declared halo and period; size rule declared, else from the file, else any size."""
-    size_min, size_step, size_max = file_rule or (1, 1, None)
+    # A declared step without a minimum means multiples of the step (not 1 + n x step).
+    size_min, size_step, size_max = file_rule or (cfg.size_step or 1, 1, None)
     rule = (cfg.size_min or size_min, cfg.size_step or size_step, cfg.size_max or size_max)
     label = cfg.path or (cfg.factory if isinstance(cfg, CustomConfig) else cfg.arch)
     trim = probe_trim(module, cfg.in_channels, cfg.num_classes, rule, 2 * cfg.halo + 2 * cfg.shift_period + 1, label, device)
@@ -142,27 +143,74 @@ def probe_trim(
     size = size_min
     while size < max(64, at_least) and (size_max is None or size + size_step <= size_max):
         size += size_step
-    x = torch.zeros(1, in_channels, size, size, device=device)
     try:
-        with torch.inference_mode():
-            y = module(x)
+        y = _forward(module, in_channels, size, device)
     except Exception as exc:
         raise ModelError(
             f"model.path: {label} fails on a 1 x {in_channels} x {size} x {size} input "
             f"(model.in_channels, input size rule): {first_line(exc)}"
+            f"{size_rule_hint(module, in_channels, size, device, rule)}"
         ) from None
     if not isinstance(y, torch.Tensor) or y.ndim != 4:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ModelError(f"model.path: {label}: expected a 4-D logits tensor (N, classes, H, W), got {got}")
     if y.shape[1] != num_classes:
         raise ModelError(f"model.num_classes: {num_classes}, but {label} outputs {y.shape[1]} channels")
-    dh, dw = size - y.shape[2], size - y.shape[3]
-    if dh != dw or dh < 0 or dh % 2:
+    trim = _trim_of(y, size)
+    if trim is None:
         raise ModelError(
             f"model.path: {label}: a {size} x {size} input gave a {y.shape[2]} x {y.shape[3]} "
             f"output; expected the same size or one smaller by an even border on both axes"
+            f"{size_rule_hint(module, in_channels, size, device, rule)}"
         )
-    return dh // 2
+    return trim
+
+
+def _trim_of(y: torch.Tensor, size: int) -> int | None:
+    """The border a ``size`` input loses on each side, None if uneven or not square."""
+    dh, dw = size - y.shape[2], size - y.shape[3]
+    return None if dh != dw or dh < 0 or dh % 2 else dh // 2
+
+
+def _forward(module: nn.Module, in_channels: int, size: int, device: str) -> Any:
+    with torch.inference_mode():
+        return module(torch.zeros(1, in_channels, size, size, device=device))
+
+
+def size_rule_hint(module: nn.Module, in_channels: int, size: int, device: str, rule: SizeRule) -> str:
+    """Which input sizes the model does take, found by trying, and the rule to declare.
+
+    A network that pools (or strides) ``k`` times by 2 takes only multiples of ``2^k`` (others
+    fail, or come out cropped), and shifts its output in steps of ``2^k``: the smallest power
+    of two whose next two multiples both work, with the same border, is what ``size_step``,
+    ``size_min`` and ``shift_period`` should say.
+    """
+    trims: dict[int, int | None] = {size: None}
+
+    def trim(s: int) -> int | None:
+        if s not in trims:
+            try:
+                y = _forward(module, in_channels, s, device)
+                trims[s] = _trim_of(y, s) if isinstance(y, torch.Tensor) and y.ndim == 4 else None
+            except Exception:
+                trims[s] = None
+        return trims[s]
+
+    found = None
+    for step in (2, 4, 8, 16, 32, 64, 128):
+        first = -(-size // step) * step
+        if trim(first) is not None and trim(first) == trim(first + step):
+            found = step
+            break
+    listed = ", ".join(f"{s} {'works' if t is not None else 'fails'}" for s, t in sorted(trims.items()))
+    if found is None:
+        return f"; sizes tried: {listed}; none ran: check model.in_channels and what the model expects"
+    declared = f"size_min {rule[0]}, size_step {rule[1]}" + (f", size_max {rule[2]}" if rule[2] else "")
+    return (
+        f"; sizes tried: {listed}: it takes multiples of {found} (declared now: {declared}); "
+        f"declare size_min: {found}, size_step: {found} and shift_period: {found} (a network that "
+        f"pools or strides by 2 n times needs multiples of 2^n in both)"
+    )
 
 
 class FixedBatch(nn.Module):

@@ -6,7 +6,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.cluster.environment import parse_tunables, shell_exports, split_spawn_variables, worker_environment
+from pipeline.cluster.environment import (
+    parse_tunables,
+    shell_exports,
+    split_spawn_variables,
+    worker_environment,
+)
 from pipeline.cluster.gpus import assign_devices, device_for_worker, visible_devices, worker_slot
 
 

@@ -73,10 +73,11 @@ def test_the_generated_daskcluster_matches_the_operator_schema() -> None:
     assert container["image"] == "ghcr.io/x/gigaseg:1"
     assert container["resources"]["limits"] == {"cpu": "4", "memory": "16Gi"}
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["OMP_NUM_THREADS"] == env["PIPELINE_TORCH_THREADS"] == "4"  # 4 cores, 1 Dask thread
+    # 4 cores: 5 Dask threads, at most 4 forward passes at once (the split is measured at run start)
+    assert env["OMP_NUM_THREADS"] == env["PIPELINE_TORCH_THREADS"] == "1" and env["PIPELINE_CORES"] == "4"
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.mmap_threshold=1"
     args = container["args"]
-    assert args[args.index("--nthreads") + 1] == "1" and args[args.index("--preload") + 1] == "pipeline.worker_preload"
+    assert args[args.index("--nthreads") + 1] == "5" and args[args.index("--preload") + 1] == "pipeline.worker_preload"
     assert "--resources" not in args
 
 

@@ -199,3 +199,37 @@ def test_custom_factory_may_be_a_function_of_your_own(tmp_path) -> None:
 
 def _my_factory() -> torch.nn.Module:
     return BoxFilterNet(1, np.array([[1], [-1]]))
+
+
+class _StridedResidual(torch.nn.Module):
+    """Down by 4 (two stride-2 convolutions), up by 4, plus the input: other sizes raise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, 2, 1), torch.nn.Conv2d(2, 2, 3, 2, 1))
+        self.up = torch.nn.ConvTranspose2d(2, 2, 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x)) + x
+
+
+@pytest.mark.parametrize(
+    ("module", "multiple", "symptom"),
+    [
+        (lambda: UNet(1, 2, 3, 4, "same"), 8, "output"),  # crops its skips: odd sizes come out smaller
+        (_StridedResidual, 4, "fails on a 1 x 1 x"),  # other sizes raise a shape mismatch
+    ],
+)
+def test_a_declared_model_without_its_size_rule_is_told_which_one(tmp_path, module, multiple, symptom) -> None:
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(module().eval()), path)
+    with pytest.raises(ModelError) as err:
+        load_model(TorchScriptConfig(arch="torchscript", path=str(path), num_classes=2, halo=40))  # probed at 83 px
+    message = str(err.value)
+    assert symptom in message and "sizes tried: " in message
+    assert f"declare size_min: {multiple}, size_step: {multiple} and shift_period: {multiple}" in message
+    fixed = TorchScriptConfig(
+        arch="torchscript", path=str(path), num_classes=2, halo=40,
+        size_min=multiple, size_step=multiple, shift_period=multiple,
+    )  # fmt: skip
+    assert load_model(fixed).geometry.size_step == multiple  # the advice works
