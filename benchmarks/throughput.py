@@ -73,7 +73,7 @@ TITLES = {
 }
 MODEL_TITLES = {
     "unet": "U-Net (depth 4, width 16)",
-    "dilated": "dilated context net (front width 32, basic)",
+    "dilated": "dilated context net (32 channels, dilations 1,1,2,4,8,16,1)",
 }
 PREDICT_LABEL = "pipeline run: predict phase"
 DEFAULT_TIE = 1e-3

@@ -236,6 +236,9 @@ class DilatedConfig(ModelBase):
     front_width: int = Field(default=64, ge=1)
     front_depth: int = Field(default=2, ge=1)
     context: Literal["basic", "large"] = "basic"
+    context_width: int | None = Field(
+        default=None, ge=1, description="C of the context module; null: num_classes, as in the paper"
+    )
     padding: Literal["same", "valid"] = "same"
     seed: int = Field(default=0, ge=0, description="initialisation seed when path is null")
 

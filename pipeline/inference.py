@@ -180,9 +180,11 @@ def check_finite_logits(piece: torch.Tensor, keep: Box, runtime: Runtime) -> Non
 
 
 def measure_batch_size(
-    cfg: ModelConfig, inference: InferenceConfig, read_shape: tuple[int, ...]
+    cfg: ModelConfig, inference: InferenceConfig, read_shape: tuple[int, ...], storage: fs.StorageRules | None = None
 ) -> int:
     """On a worker: tiles per forward pass that fit its device's free memory (1 on CPUs)."""
+    if storage is not None:  # the run's storage options: a model file in a store
+        fs.use_rules(storage)
     runtime = Runtime.from_config(inference, worker_index())
     module = cached_module(cfg, runtime, None)
     return choose_batch_size(module, runtime, read_shape, cfg.in_channels)

@@ -21,7 +21,7 @@ from .cluster.environment import allocator_environment
 from .config import NormalizeConfig, Workflow
 from .errors import ExecutionError, PipelineError, ResumeRefusedError, RunInterrupted
 from .evaluation import LabelPair
-from .execution import BlockCounts, execute_blocks
+from .execution import BlockCounts, execute_blocks, one_line
 from .inference import InferenceSpec, measure_batch_size
 from .io import fs
 from .io.images import ImageSpec, pinned_version
@@ -49,6 +49,7 @@ from .planning import (
     replan,
     report_files,
     run_json_path,
+    storage_rules,
     truth_spec,
 )
 from .progress import Progress, format_seconds
@@ -186,7 +187,7 @@ def _run_connected(
     plan = prepared.plan
     if wf.inference.batch_size == "auto":
         batch = client.submit(
-            measure_batch_size, wf.model, wf.inference, plan.read_shape, pure=False,
+            measure_batch_size, wf.model, wf.inference, plan.read_shape, storage_rules(wf), pure=False,
             resources={"GPU": 1} if conn.gpu_tasks else None,  # measured where blocks will run
         ).result()  # fmt: skip
         prepared = replan(prepared, batch)
@@ -196,7 +197,7 @@ def _run_connected(
         prepared = replace(prepared, skip=skip)
         if skip is not None:
             print(f"skip       {skip.describe(plan.n_blocks)}", file=out, flush=True)
-    choice = _tune(conn, wf, prepared)
+    choice = _tune(conn, wf, prepared, out)
     image = pinned_version(input_spec(wf))
     check_output_location(wf)
     fingerprints = run_fingerprints(wf, prepared.model.identity, plan)
@@ -309,16 +310,23 @@ def _run_connected(
         timings["evaluate"] = time.perf_counter() - t
 
 
-def _tune(conn: Connection, wf: Workflow, prepared: Prepared) -> RuntimeChoice:
+def _tune(conn: Connection, wf: Workflow, prepared: Prepared, out: TextIO) -> RuntimeChoice:
     """Forward passes at once, torch threads each and memory format, measured on a worker
     where blocks run (or as configured), within its cores and memory."""
     shape = conn.shape
     memory = None if shape.memory_per_worker is None else int(shape.memory_per_worker * wf.tiling.memory_share)
     limits = Limits(shape.slots, shape.cores_per_worker, prepared.task_bytes or 0, memory, shape.torch_threads)
-    return conn.client.submit(
-        choose_runtime, wf.model, wf.inference, prepared.model.geometry, prepared.plan.read_shape, limits,
-        pure=False, resources={"GPU": 1} if conn.gpu_tasks else None,
-    ).result()  # fmt: skip
+    try:
+        return conn.client.submit(
+            choose_runtime, wf.model, wf.inference, prepared.model.geometry, prepared.plan.read_shape, limits,
+            storage_rules(wf), pure=False, resources={"GPU": 1} if conn.gpu_tasks else None,
+        ).result()  # fmt: skip
+    except Exception as exc:  # the blocks report a real problem with the model in their own words
+        print(f"note       runtime not measured ({one_line(exc)}): as configured", file=out, flush=True)
+        configured = wf.inference
+        threads = shape.torch_threads or 1 if configured.torch_threads == "auto" else int(configured.torch_threads)
+        slots = max(1, min(shape.slots, (shape.cores_per_worker or shape.slots) // threads))
+        return RuntimeChoice(slots, threads, configured.channels_last is not False)
 
 
 def _check_allocator(conn: Connection, wf: Workflow, out: TextIO) -> None:

@@ -33,7 +33,7 @@ import torch
 from .cluster.environment import CORES, WORKERS_ON_NODE
 from .config import InferenceConfig, ModelConfig
 from .inference import cached_module, worker_index
-from .io import cache
+from .io import cache, fs
 from .runtime import Runtime, forward
 from .tiling import NetworkGeometry
 
@@ -101,9 +101,13 @@ def choose_runtime(
     geometry: NetworkGeometry,
     read_shape: tuple[int, ...],
     limits: Limits,
-    tune: bool = True,
+    storage: fs.StorageRules | None = None,
 ) -> RuntimeChoice:
-    """On a worker: the runtime its block tasks will use (see the module docstring)."""
+    """On a worker: the runtime its block tasks will use (see the module docstring).
+
+    ``storage``: the run's storage options (a model file in a store is read with them)."""
+    if storage is not None:
+        fs.use_rules(storage)
     runtime = Runtime.from_config(inference, worker_index())
     cores = limits.cores or worker_cores()
     slots_cap = 1 if runtime.cuda else max_slots_for_memory(limits)
@@ -115,7 +119,7 @@ def choose_runtime(
         candidates = [(max(1, min(slots_cap, cores // threads)), threads)]
     else:
         candidates = splits(cores, slots_cap)
-    if not tune or (len(formats) == 1 and len(candidates) == 1):
+    if len(formats) == 1 and len(candidates) == 1:
         slots, threads = candidates[0]
         return RuntimeChoice(slots, threads, formats[0])
     key = _cache_key(model, runtime, geometry, read_shape, cores, slots_cap, formats)

@@ -27,7 +27,9 @@ def test_relative_paths_resolve_against_the_workflow_folder(tmp_path) -> None:
 
 def test_defaults() -> None:
     wf = parse_workflow(MINIMAL)
-    assert wf.tiling.tile == 1024 and wf.tiling.mirror == "reflect"
+    assert wf.tiling.tile == "auto" and wf.tiling.mirror == "reflect" and wf.tiling.memory_share == 0.5
+    assert wf.inference.channels_last == "auto" and wf.inference.torch_threads == "auto"
+    assert wf.cluster.allocator == "tuned"
     assert wf.model.halo == "auto" and wf.cluster.kind == "local"
     assert wf.output.overwrite is False and wf.evaluation is None
 

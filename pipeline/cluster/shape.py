@@ -45,10 +45,8 @@ class ClusterShape:
             f"{plural(self.threads_per_worker, 'thread')}"
         )
         if self.slots < self.threads_per_worker:
-            text += f" (at most {plural(self.slots, 'forward pass', 'es')} at once, the other threads read and write)"
-        if self.torch_threads is not None and not self.gpus_per_worker:
-            text += f", torch threads per pass measured at run start (1..{self.cores_per_worker or self.torch_threads})"
-        elif self.torch_threads is not None:
+            text += f" (at most {plural(self.slots, 'forward pass', 'es')} at once; the other threads read and write)"
+        if self.gpus_per_worker and self.torch_threads is not None:
             text += f", {plural(self.torch_threads, 'torch thread')} each"
         if self.gpus_per_worker:
             text += f", {plural(self.gpus_per_worker, 'GPU')} each"

@@ -1,7 +1,8 @@
 """Dilated-convolution context network (Yu & Koltun 2016) in plain torch.
 
 A plain front end (3x3 convolutions + ReLU at full resolution, then a 1x1 convolution to
-``C = num_classes`` score maps) feeds the paper's context module (its table 1):
+``C`` maps: ``num_classes`` score maps as in the paper, or ``context_width`` feature maps)
+feeds the paper's context module (its table 1), then a 1x1 convolution to the classes:
 
     layer        1    2    3    4    5    6    7    8
     dilation     1    1    2    4    8    16   1    1 (1x1)
@@ -29,10 +30,11 @@ CONTEXT_DILATIONS = (1, 1, 2, 4, 8, 16, 1)
 LARGE_MULTIPLIERS = (2, 2, 4, 8, 16, 32, 32)
 
 
-def context_channels(num_classes: int, context: ContextSize) -> list[int]:
+def context_channels(width: int, context: ContextSize) -> list[int]:
+    """Channels of the context module's 3x3 layers for ``C = width``."""
     if context == "basic":
-        return [num_classes] * len(CONTEXT_DILATIONS)
-    return [m * num_classes for m in LARGE_MULTIPLIERS]
+        return [width] * len(CONTEXT_DILATIONS)
+    return [m * width for m in LARGE_MULTIPLIERS]
 
 
 class DilatedContextNet(nn.Module):
@@ -45,20 +47,22 @@ class DilatedContextNet(nn.Module):
         context: ContextSize = "basic",
         padding: Padding = "same",
         identity_init: bool = True,
+        context_width: int | None = None,
     ) -> None:
         super().__init__()
         same = padding == "same"
+        width = context_width or num_classes
         front: list[nn.Module] = []
         c = in_channels
         for _ in range(front_depth):
             front += [nn.Conv2d(c, front_width, 3, padding=1 if same else 0), nn.ReLU(inplace=True)]
             c = front_width
-        front.append(nn.Conv2d(c, num_classes, 1))
+        front.append(nn.Conv2d(c, width, 1))
         self.front = nn.Sequential(*front)
 
         layers: list[nn.Module] = []
-        c = num_classes
-        for d, c_out in zip(CONTEXT_DILATIONS, context_channels(num_classes, context)):
+        c = width
+        for d, c_out in zip(CONTEXT_DILATIONS, context_channels(width, context)):
             layers += [
                 nn.Conv2d(c, c_out, 3, dilation=d, padding=d if same else 0),
                 nn.ReLU(inplace=True),

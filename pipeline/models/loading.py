@@ -86,8 +86,9 @@ def build_module(cfg: UNetConfig | DilatedConfig) -> nn.Module:
     if isinstance(cfg, UNetConfig):
         return UNet(cfg.in_channels, cfg.num_classes, cfg.depth, cfg.width, cfg.padding, cfg.batch_norm)
     return DilatedContextNet(
-        cfg.in_channels, cfg.num_classes, cfg.front_width, cfg.front_depth, cfg.context, cfg.padding
-    )
+        cfg.in_channels, cfg.num_classes, cfg.front_width, cfg.front_depth, cfg.context, cfg.padding,
+        context_width=cfg.context_width,
+    )  # fmt: skip
 
 
 def check_declared_halo(

@@ -83,7 +83,8 @@ def test_workers_run_as_slurm_jobs_and_the_output_is_byte_identical(tmp_path) ->
     for wf in (local, slurm):
         proc = subprocess.run([PIPELINE, "run", str(wf)], capture_output=True, text=True, env=_env(), timeout=600)
         assert proc.returncode == 0, proc.stderr
-    assert "slurm: 2 worker processes x 1 thread" in proc.stdout
+    # one core per job: a thread for the forward pass and one that reads and writes
+    assert "slurm: 2 worker processes x 2 threads (at most 1 forward pass at once" in proc.stdout
     a, b = tmp_path / "local" / "out" / "labels.zarr", tmp_path / "slurm" / "out" / "labels.zarr"
     assert _chunks(a) == _chunks(b) and len(_chunks(a)) == BLOCKS
     np.testing.assert_array_equal(zarr.open_group(str(b), mode="r")["0"][:], _reference())
@@ -136,6 +137,6 @@ def test_the_sbatch_script_runs_a_workflow_in_one_allocation(tmp_path) -> None:
     )  # fmt: skip
     log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
     assert proc.returncode == 0, f"{proc.stderr}\n{log}"
-    assert "address: 2 worker processes x 1 thread" in log and "labels " in log
+    assert "address: 2 worker processes x 2 threads" in log and "labels " in log
     np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "out" / "labels.zarr"), mode="r")["0"][:], _reference())
     assert not (tmp_path / "scheduler.json").exists()
