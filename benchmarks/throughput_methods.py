@@ -175,6 +175,14 @@ def _reinit(module: Any, arch: str) -> float:
         return float((module(x).argmax(1) == 1).float().mean())
 
 
+def _live_bytes_per_pixel(module: Any, edge: int) -> float:
+    """The model's live tensors per input pixel of one pass (pipeline.models.footprint)."""
+    from pipeline.models.footprint import FootprintProbe
+
+    usage = FootprintProbe(module, 1, edge, channels_last=False)(1, edge)
+    return usage.live / edge**2 if usage is not None else FALLBACK_ACTIVATION_BYTES
+
+
 def _bias(conv: Any) -> Any:
     """A convolution's bias (every convolution of the built-in networks has one)."""
     if conv.bias is None:
@@ -459,10 +467,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def _live_bytes_per_pixel(module: Any, edge: int) -> float:
-    """The model's live tensors per input pixel of one pass (pipeline.models.footprint)."""
-    from pipeline.models.footprint import FootprintProbe
-
-    usage = FootprintProbe(module, 1, edge, channels_last=False)(1, edge)
-    return usage.live / edge**2 if usage is not None else FALLBACK_ACTIVATION_BYTES

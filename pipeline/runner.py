@@ -318,7 +318,7 @@ def _tune(conn: Connection, wf: Workflow, prepared: Prepared, out: TextIO) -> Ru
     limits = Limits(shape.slots, shape.cores_per_worker, prepared.task_bytes or 0, memory, shape.torch_threads)
     try:
         return conn.client.submit(
-            choose_runtime, wf.model, wf.inference, prepared.model.geometry, prepared.plan.read_shape, limits,
+            choose_runtime, wf.model, wf.inference, prepared.model.geometry, limits,
             storage_rules(wf), pure=False, resources={"GPU": 1} if conn.gpu_tasks else None,
         ).result()  # fmt: skip
     except Exception as exc:  # the blocks report a real problem with the model in their own words

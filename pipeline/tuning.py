@@ -11,8 +11,8 @@ Nothing here changes which tile owns which pixel; it decides how fast they are c
   built-in networks on CPUs here, but not for every model and device.
 
 Measured in the worker that runs the blocks (its allocator settings, cores and device), on
-a calibration input of the plan's tile size capped at :data:`CALIBRATION_PIXELS`: a warm-up
-pass, then one timed pass per concurrent slot. The choice is cached per machine (CPU model
+a calibration input of about :data:`CALIBRATION_PIXELS` (the fastest CPU tiles are about this
+size, docs/benchmarks.md): a warm-up pass, then one timed pass per concurrent slot. The choice is cached per machine (CPU model
 or GPU name, cores, torch version), model, tile and precision (:mod:`pipeline.io.cache`), so
 only the first run of a model on a machine pays for it, a few seconds.
 """
@@ -99,7 +99,6 @@ def choose_runtime(
     model: ModelConfig,
     inference: InferenceConfig,
     geometry: NetworkGeometry,
-    read_shape: tuple[int, ...],
     limits: Limits,
     storage: fs.StorageRules | None = None,
 ) -> RuntimeChoice:
@@ -122,22 +121,23 @@ def choose_runtime(
     if len(formats) == 1 and len(candidates) == 1:
         slots, threads = candidates[0]
         return RuntimeChoice(slots, threads, formats[0])
-    key = _cache_key(model, runtime, geometry, read_shape, cores, slots_cap, formats)
+    key = _cache_key(model, runtime, geometry, cores, slots_cap, formats)
     cached = cache.lookup(CACHE_NAME, key)
     if isinstance(cached, dict):
         try:
             return RuntimeChoice(**{**cached, "measured": tuple(map(tuple, cached["measured"])), "source": "cached"})
         except (TypeError, KeyError):
             pass
-    size = calibration_size(geometry, read_shape)
+    size = calibration_size(geometry)
     choice = _measure(model, inference, geometry, size, candidates, formats)
     cache.store(CACHE_NAME, key, {**choice.as_dict(), "source": "measured"})
     return choice
 
 
-def calibration_size(geometry: NetworkGeometry, read_shape: tuple[int, ...]) -> int:
-    """A legal input edge near the plan's read box, capped at CALIBRATION_PIXELS."""
-    target = min(max(read_shape), int(math.isqrt(CALIBRATION_PIXELS)))
+def calibration_size(geometry: NetworkGeometry) -> int:
+    """The largest legal input edge within CALIBRATION_PIXELS: the same for every image and
+    tile, so a measurement cached for a model serves all its runs on the machine."""
+    target = int(math.isqrt(CALIBRATION_PIXELS))
     size = geometry.size_min
     while size + geometry.size_step <= target and (geometry.size_max is None or size + geometry.size_step <= geometry.size_max):
         size += geometry.size_step
@@ -235,7 +235,6 @@ def _cache_key(
     model: ModelConfig,
     runtime: Runtime,
     geometry: NetworkGeometry,
-    read_shape: tuple[int, ...],
     cores: int,
     slots_cap: int,
     formats: tuple[bool, ...],
@@ -246,7 +245,7 @@ def _cache_key(
         "device": runtime.device.split(":")[0],
         "precision": runtime.precision,
         "tta": runtime.tta,
-        "size": calibration_size(geometry, read_shape),
+        "size": calibration_size(geometry),
         "cores": cores,
         "slots": slots_cap,
         "formats": formats,
