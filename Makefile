@@ -35,7 +35,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	touch $(BENCH_STAMP)
 
 benchmark: $(BENCH_STAMP)
-	$(BIN)/python -m benchmarks.inference --size 2048 --out docs/benchmarks.md
+	$(BIN)/python -m benchmarks.worker_passes --repeats 2 --json docs/benchmarks/worker_passes.json --out docs/benchmarks.md
 	$(BIN)/python -m benchmarks.throughput --sizes 4096 8192 --models unet dilated --repeats 2 \
 		--json docs/benchmarks/throughput.json --out docs/benchmarks.md
 	$(BIN)/python -m benchmarks.scaling --sizes 8192 16384 32768 65536 \
