@@ -36,12 +36,15 @@ from .tiling import (
 )
 
 ACTIVATION_LIMIT = 2**31  # bytes of one tensor: CPU kernels fall to a slow path at and beyond it
-# Live tensors of one forward pass on a CPU, at most. Measured here (docs/benchmarks.md), two
-# passes at once on 2 cores: a U-Net (width 16) ran fastest per image pixel at a 1248 px read
-# box (0.73 GiB live) and 15-20% slower at 2272 px (2.4 GiB); a dilated net (32 channels)
-# fastest at 1606 px (0.67 GiB) and 20-30% slower at 2118 px (1.2 GiB). Larger passes stream
-# their tensors through memory instead of cache and page-fault more; their halo saving is lost.
-CPU_PASS_LIMIT = 768 << 20
+# Live tensors of one forward pass on a CPU, at most. Measured here (docs/benchmarks.md,
+# "Forward passes as a CPU worker runs them"), two passes at once on 2 cores, MPx/s of image
+# pixels (the halo's cost counted) by read box and live tensors per pass:
+#   U-Net (width 16):         736 px 0.25 GiB 1.21 | 1248 px 0.69 GiB 1.69 | 1760 px 1.37 GiB 1.94 | 2272 px 2.29 GiB 1.69
+#   dilated net (32 ch):      582 px 0.12 GiB 1.17 | 1094 px 0.43 GiB 1.35 | 1606 px 0.93 GiB 1.36 | 2118 px 1.62 GiB 1.12
+# Past about a GiB per pass the tensors stream through memory and the halo's saving is lost
+# (the dilated net earlier than the U-Net), while the worker's memory grows with the square of
+# the tile. 1 GiB keeps both within about 10% of their fastest tile at half their memory.
+CPU_PASS_LIMIT = 1 << 30
 BLOCK_COST_PIXELS = 128 * 128  # a block task's fixed cost (scheduling, reads, writes) in pixels
 UNKNOWN_MEMORY_TILE = 1024  # the largest tile when the model's memory cannot be measured
 MAX_CANDIDATES = 512

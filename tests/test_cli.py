@@ -36,6 +36,10 @@ def test_demo_validate_plan_run(demo, capsys) -> None:
     plan = capsys.readouterr().out
     for expected in ("2048 x 2048 px", "halo 107 px", "read box 1248 x 1248", "2 x 2 = 4 blocks", "memory", "mirrored (reflect)"):
         assert expected in plan, expected
+    # tile: auto says what it chose and why, what the halo costs and what a task needs
+    assert "tiling.tile: auto: the fastest tile whose task fits" in plan
+    assert "overlap 1.49x (pixels computed per image pixel)" in plan  # (2 x 1248)^2 / 2048^2
+    assert re.search(r"memory     ~\d+(\.\d)? MiB per task", plan)
 
     assert main(["run", str(demo)]) == 0
     captured = capsys.readouterr()

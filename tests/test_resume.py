@@ -256,3 +256,21 @@ def test_resume_starts_afresh_without_a_volume_and_does_nothing_on_a_complete_on
     assert _run_json(tmp_path)["blocks"] == {"total": BLOCKS, "resumed": BLOCKS, "computed": 0, "skipped": 0, "retried": 0, "failed": 0}
     assert _forward_passes(tmp_path) == 0
     np.testing.assert_array_equal(_labels(tmp_path), _reference())
+
+
+def test_an_auto_tile_is_kept_by_resume_where_a_fresh_plan_would_choose_another(tmp_path) -> None:
+    """tile: auto depends on the machine (memory, cores): a resume on another node must keep
+    the interrupted run's tile, or its blocks would no longer match the ledger."""
+    wf = _interrupted(tmp_path, tiling__tile="auto")
+    kept = _record(tmp_path)["plan"]["tile"]
+    # a machine with far less memory per task would choose a smaller tile for a fresh run
+    starved = _workflow(tmp_path, tiling__tile="auto", tiling__memory_share=1e-6)
+    fresh = _run("plan", starved)
+    assert fresh.returncode == 0, fresh.stderr
+    assert f"write box {kept[0]} x {kept[1]}," not in fresh.stdout
+    proc = _run("run", starved, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "tiling.tile: auto: the choice of the interrupted run (kept for --resume)" in proc.stdout
+    assert _record(tmp_path)["plan"]["tile"] == kept and _record(tmp_path)["status"] == "complete"
+    np.testing.assert_array_equal(_labels(tmp_path), _reference())
+    assert wf  # the interrupted run's workflow, unchanged but for how much memory a task may use

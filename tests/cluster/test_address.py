@@ -67,7 +67,8 @@ def _cluster(tmp_path: Path, extra_args: list[list[str]]) -> Iterator[tuple[Path
         procs.append(subprocess.Popen(
             [str(BIN / "dask"), "worker", "--scheduler-file", str(file), "--nthreads", "1", "--no-dashboard",
              "--name", f"node-{slot}", "--preload", "pipeline.worker_preload", *extra],
-            env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**{k: v for k, v in _env().items() if k != "GLIBC_TUNABLES"}, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))  # fmt: skip
     yield file, procs
     for proc in procs:
@@ -88,6 +89,9 @@ def test_pipeline_run_joins_a_scheduler_started_by_hand(tmp_path, scheduler) -> 
     assert proc.returncode == 0, proc.stderr
     assert "cluster    address: 2 worker processes x 1 thread" in proc.stdout
     assert f"dask       performance report {report}" in proc.stdout
+    # workers started by hand without the allocator settings: said, with what to set
+    assert "note       2 of 2 workers run without the tuned allocator settings" in proc.stdout
+    assert "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967295:" in proc.stdout
     assert "Dask Performance Report" in report.read_text()
     centred = _image()[None].astype(np.int64) - MEAN
     expected = box_filter_reference(centred, 2, np.array(WEIGHT), "reflect").argmax(0)
