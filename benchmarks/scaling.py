@@ -218,6 +218,48 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return records
 
 
+def _noop(index: tuple[int, ...], spec: Any = None) -> tuple[int, ...]:
+    return index
+
+
+def graph_build(counts: tuple[int, ...] = (1_000, 10_000, 100_000)) -> list[dict[str, Any]]:
+    """The driver's side of the task graph, at block counts beyond the sizes above: the plan's
+    blocks listed (as the runner lists them), then one task per block plus the shared spec
+    submitted to a real scheduler (as ``execute_blocks`` submits them), until the scheduler
+    holds them all. The tasks do nothing: only building and submitting is timed."""
+    import math
+
+    from distributed import Client, LocalCluster
+
+    from pipeline.tiling import NetworkGeometry, plan_tiles
+
+    rows = []
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        for count in counts:
+            side = math.isqrt(count) * 64
+            start = time.perf_counter()
+            plan = plan_tiles((side, side), NetworkGeometry(halo=8), tile=64, mirror="reflect")
+            todo = [b.index for b in plan.blocks()]
+            keys = [f"predict-bench-{'-'.join(map(str, i))}" for i in todo]
+            listed = time.perf_counter()
+            shared = client.submit(lambda p: p, plan, key=f"spec-{count}", pure=False)
+            futures = client.map(_noop, todo, spec=shared, key=keys, pure=False)
+            while client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) < len(todo):
+                time.sleep(0.01)
+            submitted = time.perf_counter()
+            client.cancel([*futures, shared], force=True)
+            del futures, shared
+            while client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)):
+                time.sleep(0.05)
+            rows.append({
+                "blocks": len(todo),
+                "list_seconds": listed - start,
+                "submit_seconds": submitted - listed,
+                "per_10000_blocks": (submitted - start) / len(todo) * 10_000,
+            })  # fmt: skip
+    return rows
+
+
 def markdown(report: dict[str, Any], plot: str | None) -> str:
     """The section: command, machine, settings, one table over the sizes."""
     lines = [
@@ -250,6 +292,19 @@ def markdown(report: dict[str, Any], plot: str | None) -> str:
     lines += [f"Failed: {e}." for e in errors] + ([""] if errors else [])
     if plot:
         lines += [f"![peak RSS and seconds per MPx against image size]({plot})", ""]
+    if report.get("graph"):
+        lines += [
+            "Building the task graph (the driver's side, tasks that do nothing; see "
+            "`graph_build` in `benchmarks/scaling.py`):",
+            "",
+            "| blocks | list the plan's blocks, s | submit to the scheduler, s | s per 10,000 blocks |",
+            "|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {g['blocks']:,} | {g['list_seconds']:.2f} | {g['submit_seconds']:.2f} | {g['per_10000_blocks']:.2f} |"
+            for g in report["graph"]
+        ]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -384,6 +439,12 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"  {_describe(record)}")
             summarise(report["results"])
             write_json(args.json, report)
+        _say("task graph ...")
+        try:
+            report["graph"] = graph_build()
+        except Exception as exc:  # the sizes' figures are worth keeping without it
+            _say(f"task graph: failed: {type(exc).__name__}: {exc}")
+        write_json(args.json, report)
     finally:
         if not (args.keep or args.work):
             shutil.rmtree(work, ignore_errors=True)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cluster.allocator import release_heap_above
 from .config import InferenceConfig, ModelConfig, NormalizeConfig
 from .errors import NonFiniteOutputError
 from .geometry import Box
@@ -49,6 +50,7 @@ class InferenceSpec:
     fill_value: float | None = None  # None: NaN/infinite input pixels are an error
     skip: SkipRule | None = None  # tiling.skip: the rules checked on each read box, the skip class
     compute_slots: int | None = None  # forward passes a worker runs at once; None: one per thread
+    release_above: int | None = None  # a worker's resident bytes beyond which its free heap is released
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ def run_block(index: tuple[int, ...], spec: InferenceSpec) -> BlockResult:
             raise NonFiniteOutputError(f"model {model_label(spec.model)} {exc}") from None
     write_block(spec.output_path, spec.run_id, block.write, labels.astype(spec.label_dtype))
     mark_block_done(spec.output_path, spec.run_id, block.index)  # only after the chunk is written
+    release_heap_above(spec.release_above)  # holes that concurrent passes left in the heap
     seconds = time.perf_counter() - start
     return BlockResult(block.index, block.write.size, len(block.tiles), seconds, filled, skipped)
 

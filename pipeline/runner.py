@@ -60,6 +60,9 @@ from .skip_blocks import plan_skips
 from .tuning import Limits, RuntimeChoice, choose_runtime
 
 
+PROCESS_BYTES = 1 << 30  # a worker process itself: Python, torch, the model, Dask
+
+
 @dataclass(frozen=True)
 class RunResult:
     output_path: str
@@ -251,6 +254,7 @@ def _run_connected(
         inference=wf.inference.model_copy(update={"channels_last": choice.channels_last}),
         torch_threads=choice.torch_threads,
         compute_slots=choice.slots,
+        release_above=_heap_bound(conn, wf, prepared, choice),
         fill_value=non_finite_fill(wf),
         skip=prepared.skip.rule if prepared.skip else None,
     )
@@ -327,6 +331,17 @@ def _tune(conn: Connection, wf: Workflow, prepared: Prepared, out: TextIO) -> Ru
         threads = shape.torch_threads or 1 if configured.torch_threads == "auto" else int(configured.torch_threads)
         slots = max(1, min(shape.slots, (shape.cores_per_worker or shape.slots) // threads))
         return RuntimeChoice(slots, threads, configured.channels_last is not False)
+
+
+def _heap_bound(conn: Connection, wf: Workflow, prepared: Prepared, choice: RuntimeChoice) -> int | None:
+    """A worker's resident memory beyond which it releases its free heap after a block: half
+    again what its passes at once need (plus the process itself), within its memory budget."""
+    if prepared.task_bytes is None or wf.cluster.allocator != "tuned":
+        return None
+    bound = int(1.5 * choice.slots * prepared.task_bytes) + PROCESS_BYTES
+    if conn.shape.memory_per_worker is not None:
+        bound = min(bound, int(conn.shape.memory_per_worker * wf.tiling.memory_share) + PROCESS_BYTES)
+    return bound
 
 
 def _check_allocator(conn: Connection, wf: Workflow, out: TextIO) -> None:

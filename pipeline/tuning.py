@@ -68,10 +68,9 @@ class RuntimeChoice:
         )
         if self.source == "configured" or not self.measured:
             return f"{what} (as configured)"
-        best = dict(self.measured)
         rates = ", ".join(f"{name} {rate:.2f}" for name, rate in self.measured)
         note = "measured on a worker" if self.source == "measured" else "measured earlier on this machine (cached)"
-        return f"{what}: {note}, MPx/s {rates}" if len(best) > 1 else f"{what}: {note}"
+        return f"{what}: {note}, MPx/s {rates}" if len(self.measured) > 1 else f"{what}: {note}"
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

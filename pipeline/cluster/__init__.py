@@ -23,7 +23,7 @@ from typing import Any
 from distributed import Client
 
 from ..config import ClusterConfig
-from .environment import allocator_tuned
+from .allocator import allocator_tuned
 from .shape import ClusterShape
 
 PRELOAD = ["pipeline.worker_preload"]

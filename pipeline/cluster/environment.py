@@ -23,9 +23,7 @@ it between blocks, which is the memory its next block needs anyway. Other C libr
 
 from __future__ import annotations
 
-import ctypes
 import shlex
-import threading
 from collections.abc import Mapping
 from typing import Literal
 
@@ -98,40 +96,3 @@ def split_spawn_variables(env: Mapping[str, str]) -> tuple[dict[str, str], dict[
 def shell_exports(env: Mapping[str, str]) -> list[str]:
     """``export NAME=value`` lines for a job script, quoted for the shell."""
     return [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
-
-
-def allocator_tuned() -> bool | None:
-    """Whether the tuned allocator settings are in effect in this process: a large block
-    allocated by a thread other than the main one (as a Dask task's) is not ``mmap``-ed.
-    None where the C library is not glibc. Checked, not read from the environment: a
-    variable set after the process started is in ``os.environ`` but not in effect."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-        libc.malloc.restype = ctypes.c_void_p
-        libc.malloc.argtypes = [ctypes.c_size_t]
-        libc.free.argtypes = [ctypes.c_void_p]
-    except (OSError, AttributeError):
-        return None
-    found: list[bool] = []
-
-    def probe() -> None:
-        before = libc.mallinfo2().hblkhd
-        block = libc.malloc(PROBE_BYTES)
-        found.append(libc.mallinfo2().hblkhd == before)
-        libc.free(block)
-
-    thread = threading.Thread(target=probe, name="pipeline-allocator-probe")
-    thread.start()
-    thread.join()
-    return found[0] if found else None
-
-
-PROBE_BYTES = 96 << 20  # above a thread arena's largest heap (64 MiB): mmap-ed unless tuned
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
-    ]

@@ -254,7 +254,7 @@ def test_workers_start_with_the_environment_and_one_gpu_each() -> None:
 def _allocator_at_start() -> tuple[bool | None, bool]:
     """In a worker: the check itself, and whether GLIBC_TUNABLES was in the environment the
     process was started with (what the C library read), not only set since."""
-    from pipeline.cluster.environment import allocator_tuned
+    from pipeline.cluster.allocator import allocator_tuned
 
     with open("/proc/self/environ", "rb") as f:
         at_start = b"GLIBC_TUNABLES=" in f.read()
@@ -280,3 +280,25 @@ def test_a_cpu_worker_has_a_thread_beyond_its_compute_slots() -> None:
         workers = conn.client.scheduler_info()["workers"].values()
     assert [w["nthreads"] for w in workers] == [cores + 1]
     assert conn.shape.slots == cores and conn.shape.cores_per_worker == cores
+
+
+def _fragment_then_release() -> tuple[int, int, int, bool]:
+    """In a worker task: 400 MB allocated and freed stay in the heap (the tuned settings);
+    released once the process's memory passes a bound below it, not before."""
+    from pipeline.cluster.allocator import release_heap_above
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    block = np.ones(400 << 20, np.uint8)  # touched: resident
+    del block
+    kept = process.memory_info().rss
+    untouched = release_heap_above(kept + (1 << 30))  # below the bound: nothing released
+    released = release_heap_above(before + (100 << 20))
+    return before, kept, process.memory_info().rss, released and not untouched
+
+
+def test_a_worker_gives_back_a_heap_grown_past_its_bound() -> None:
+    with connect(LocalClusterConfig(), "cpu") as conn:
+        before, kept, after, released = conn.client.submit(_fragment_then_release, pure=False).result()
+    assert kept - before > 300 << 20  # freed, but kept for the next pass
+    assert released and kept - after > 300 << 20
