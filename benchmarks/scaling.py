@@ -239,7 +239,7 @@ def graph_build(counts: tuple[int, ...] = (1_000, 10_000, 100_000)) -> list[dict
             side = math.isqrt(count) * 64
             start = time.perf_counter()
             plan = plan_tiles((side, side), NetworkGeometry(halo=8), tile=64, mirror="reflect")
-            todo = [b.index for b in plan.blocks()]
+            todo = plan.block_indices()
             keys = [f"predict-bench-{'-'.join(map(str, i))}" for i in todo]
             listed = time.perf_counter()
             shared = client.submit(lambda p: p, plan, key=f"spec-{count}", pure=False)

@@ -259,9 +259,8 @@ def _run_connected(
         skip=prepared.skip.rule if prepared.skip else None,
     )
     masked = prepared.skip.masked if prepared.skip else frozenset()
-    blocks = [b for b in plan.blocks()]
-    todo = [b.index for b in blocks if b.index not in done]
-    resumed_tiles = sum(len(b.tiles) for b in blocks if b.index in done)
+    todo = [i for i in plan.block_indices() if i not in done]  # indices only: cheap at 10^5 blocks
+    resumed_tiles = sum(plan.tiles_in(i) for i in done)
     state.blocks = counts = BlockCounts(plan.n_blocks, resumed=len(done))
     progress = Progress(
         plan.n_blocks, plan.n_tiles, err, resumed_blocks=len(done), resumed_tiles=resumed_tiles,

@@ -137,7 +137,18 @@ class TilePlan:
         return math.prod(len(e) for e in self.tile_extents)
 
     def blocks(self) -> list[Block]:
-        return [self.block(index) for index in itertools.product(*map(range, self.grid))]
+        return [self.block(index) for index in self.block_indices()]
+
+    def block_indices(self) -> list[tuple[int, ...]]:
+        """Every block's index, row-major, without building the blocks (cheap for 10^5 blocks)."""
+        return list(itertools.product(*map(range, self.grid)))
+
+    def tiles_in(self, index: tuple[int, ...]) -> int:
+        """How many tiles the block ``index`` holds (fewer at the image's far edges)."""
+        return math.prod(
+            len(self.tile_extents[axis][i * self.block_tiles[axis] : (i + 1) * self.block_tiles[axis]])
+            for axis, i in enumerate(index)
+        )
 
     def block(self, index: tuple[int, ...]) -> Block:
         per_axis = []

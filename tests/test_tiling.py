@@ -133,3 +133,11 @@ def test_size_max_caps_the_tile() -> None:
     assert plan_tiles((4000, 4000), geo, tile=496, mirror="reflect").read_shape == (512, 512)
     with pytest.raises(TilingError, match="up to 512"):
         plan_tiles((4000, 4000), geo, tile=1024, mirror="reflect")
+
+
+@settings(deadline=None, max_examples=50)
+@given(plans())
+def test_block_indices_and_tile_counts_match_the_blocks(plan) -> None:
+    blocks = plan.blocks()
+    assert plan.block_indices() == [b.index for b in blocks]
+    assert [plan.tiles_in(b.index) for b in blocks] == [len(b.tiles) for b in blocks]
