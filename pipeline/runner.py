@@ -59,7 +59,6 @@ from .scorecard import ReportFiles, evaluate_and_report
 from .skip_blocks import plan_skips
 from .tuning import Limits, RuntimeChoice, choose_runtime
 
-
 PROCESS_BYTES = 1 << 30  # a worker process itself: Python, torch, the model, Dask
 
 

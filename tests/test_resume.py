@@ -264,10 +264,11 @@ def test_an_auto_tile_is_kept_by_resume_where_a_fresh_plan_would_choose_another(
     wf = _interrupted(tmp_path, tiling__tile="auto")
     kept = _record(tmp_path)["plan"]["tile"]
     # a machine with far less memory per task would choose a smaller tile for a fresh run
-    starved = _workflow(tmp_path, tiling__tile="auto", tiling__memory_share=1e-6)
-    fresh = _run("plan", starved)
+    # (a plan into the interrupted output is refused without --resume, so plan a fresh output)
+    fresh = _run("plan", _workflow(tmp_path, tiling__tile="auto", tiling__memory_share=1e-6, output__path="fresh.zarr"))
     assert fresh.returncode == 0, fresh.stderr
     assert f"write box {kept[0]} x {kept[1]}," not in fresh.stdout
+    starved = _workflow(tmp_path, tiling__tile="auto", tiling__memory_share=1e-6)
     proc = _run("run", starved, "--resume")
     assert proc.returncode == 0, proc.stderr
     assert "tiling.tile: auto: the choice of the interrupted run (kept for --resume)" in proc.stdout
