@@ -20,7 +20,8 @@ descendants). Methods (``benchmarks.throughput_methods`` holds their code):
 * ``map_overlap``: ``dask.array.map_overlap`` over 1024 px chunks, ``boundary="reflect"``
   (numpy's symmetric) with the pipeline's context as depth, threaded scheduler, ``to_zarr``.
 * ``whole``: one forward pass on the symmetric-padded image: the reference labels (row
-  strips, exact, where the whole pass does not fit in memory).
+  strips, exact, where the whole pass does not fit in memory or one activation would reach
+  2 GiB, where CPU convolutions fall to a slow kernel).
 * ``io``: the image read in 1024 px blocks and written as a uint8 zarr: the I/O floor.
 * ``roofline`` (computed): FLOPs per output pixel at this machine's fp32 matmul rate.
 
@@ -353,8 +354,9 @@ def _method_notes(report: dict[str, Any]) -> list[str]:
         'whole-image forward: `numpy.pad(mode="symmetric")` by the context (the end of each '
         "axis grown to a legal input size), one forward pass, crop, top-2 (labels and margin "
         "saved as `.npy`); torch threads at their default. Where the pass would not fit in the "
-        "memory available (estimate: 2x the model's activation bytes per pixel) or its "
-        "allocation fails, the reference is computed in row strips of the same padded image, "
+        "memory available (estimate: 2x the model's activation bytes per pixel), its "
+        "allocation fails, or one activation would reach 2 GiB (a slow CPU kernel), the "
+        "reference is computed in row strips of the same padded image, "
         "each with the full context above and below and starting at a multiple of the shift "
         "period: the same result as the whole pass, up to float rounding.",
         "I/O floor: `da.from_zarr(tifffile.imread(path, aszarr=True), chunks=1024).to_zarr(...)` "
@@ -392,7 +394,7 @@ def _table(result: dict[str, Any]) -> list[str]:
                     {r.get("reason", "") for r in row["runs"] if r.get("mode") == "strips"}
                 )
                 rows_ = sorted({r.get("strip_rows") for r in row["runs"] if r.get("strip_rows")})
-                title = "reference in row strips (whole pass did not fit)"
+                title = "reference in row strips (whole pass did not fit or would be slow)"
                 notes.append(
                     f"reference: computed in strips of {rows_} rows ({'; '.join(reasons)})"
                 )

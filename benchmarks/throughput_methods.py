@@ -38,6 +38,7 @@ MONAI_OVERLAP = 0.25
 MEMORY_FACTOR = 2.0  # measured peak of a whole forward is 1.4-1.6x the model's activation estimate
 FALLBACK_ACTIVATION_BYTES = 600.0  # per input pixel, where the pipeline gives no estimate
 STRIP_BYTES = 4 << 30  # per strip of the fallback reference: keeps each map well under 2 GiB
+SLOW_TENSOR_BYTES = 1 << 31  # a single CPU activation this large falls to a slow kernel (DESIGN.md)
 
 
 # -- paths shared with benchmarks.throughput ------------------------------------------------
@@ -103,6 +104,7 @@ def _make_model(work: Path, name: str) -> dict[str, Any]:
     torch.jit.save(scripted, str(model_path(work, name)))
     _check_saved(module, model_path(work, name), geo.size_step)
     tile = BLOCK + 2 * context
+    live, largest = _bytes_per_pixel(scripted, tile)
     meta = {
         "name": name,
         "config": raw,
@@ -112,7 +114,8 @@ def _make_model(work: Path, name: str) -> dict[str, Any]:
         "size_min": geo.size_min,
         "size_step": geo.size_step,
         "context": context,
-        "activation_bytes_per_pixel": _live_bytes_per_pixel(scripted, tile),
+        "activation_bytes_per_pixel": live,
+        "largest_bytes_per_pixel": largest,
         "flops_per_pixel": _flops(module, tile) / tile**2,
         "flops_tile": tile,
         "class_1_fraction": balance,
@@ -175,12 +178,15 @@ def _reinit(module: Any, arch: str) -> float:
         return float((module(x).argmax(1) == 1).float().mean())
 
 
-def _live_bytes_per_pixel(module: Any, edge: int) -> float:
-    """The model's live tensors per input pixel of one pass (pipeline.models.footprint)."""
+def _bytes_per_pixel(module: Any, edge: int) -> tuple[float, float]:
+    """The model's live tensors, and its largest single tensor, per input pixel of one pass
+    (pipeline.models.footprint)."""
     from pipeline.models.footprint import FootprintProbe
 
     usage = FootprintProbe(module, 1, edge, channels_last=False)(1, edge)
-    return usage.live / edge**2 if usage is not None else FALLBACK_ACTIVATION_BYTES
+    if usage is None:
+        return FALLBACK_ACTIVATION_BYTES, FALLBACK_ACTIVATION_BYTES
+    return usage.live / edge**2, usage.largest / edge**2
 
 
 def _bias(conv: Any) -> Any:
@@ -320,6 +326,9 @@ def run_whole(work: Path, size: int, name: str, force_strips: bool = False) -> d
         result["reason"] = "forced"
     elif need > 0.85 * available:
         result["reason"] = f"needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
+    elif x.size * meta["largest_bytes_per_pixel"] >= SLOW_TENSOR_BYTES:
+        largest = x.size * meta["largest_bytes_per_pixel"]
+        result["reason"] = f"one activation of {largest / 2**30:.1f} GiB (slow CPU kernel from 2 GiB)"
     else:
         try:
             with _address_space_limit(available):
@@ -361,7 +370,11 @@ def _forward_strips(
     step = _step(meta)
     per_row = x.shape[1] * meta["activation_bytes_per_pixel"] * MEMORY_FACTOR
     budget = min(STRIP_BYTES, 0.5 * _available_bytes())
-    rows = max(step, int(budget // per_row - 2 * c) // step * step)
+    rows = min(
+        int(budget // per_row),
+        int(0.9 * SLOW_TENSOR_BYTES // (x.shape[1] * meta["largest_bytes_per_pixel"])),
+    )
+    rows = max(step, (rows - 2 * c) // step * step)
     labels = np.empty((h, w), np.uint8)
     margin = np.empty((h, w), np.float32)
     with torch.no_grad():
