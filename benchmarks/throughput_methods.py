@@ -319,6 +319,7 @@ def run_whole(work: Path, size: int, name: str, force_strips: bool = False) -> d
     del image
     result: dict[str, Any] = {"mode": "whole"}
     need = x.size * meta["activation_bytes_per_pixel"] * MEMORY_FACTOR
+    largest = x.size * meta["largest_bytes_per_pixel"]
     available = _available_bytes()
     result["estimated_bytes"], result["available_bytes"] = need, available
     out = None
@@ -326,8 +327,7 @@ def run_whole(work: Path, size: int, name: str, force_strips: bool = False) -> d
         result["reason"] = "forced"
     elif need > 0.85 * available:
         result["reason"] = f"needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
-    elif x.size * meta["largest_bytes_per_pixel"] >= SLOW_TENSOR_BYTES:
-        largest = x.size * meta["largest_bytes_per_pixel"]
+    elif largest >= SLOW_TENSOR_BYTES:
         result["reason"] = f"one activation of {largest / 2**30:.1f} GiB (slow CPU kernel from 2 GiB)"
     else:
         try:

@@ -56,6 +56,7 @@ from .progress import Progress, format_seconds
 from .provenance import public_workflow, run_document, run_fingerprints
 from .report import UNTRAINED_NOTE, format_table, write_json
 from .scorecard import ReportFiles, evaluate_and_report
+from .sizing import worker_memory_budget
 from .skip_blocks import plan_skips
 from .tuning import Limits, RuntimeChoice, choose_runtime
 
@@ -316,7 +317,7 @@ def _tune(conn: Connection, wf: Workflow, prepared: Prepared, out: TextIO) -> Ru
     """Forward passes at once, torch threads each and memory format, measured on a worker
     where blocks run (or as configured), within its cores and memory."""
     shape = conn.shape
-    memory = None if shape.memory_per_worker is None else int(shape.memory_per_worker * wf.tiling.memory_share)
+    memory = worker_memory_budget(wf, shape)
     limits = Limits(shape.slots, shape.cores_per_worker, prepared.task_bytes or 0, memory, shape.torch_threads)
     try:
         return conn.client.submit(
@@ -336,10 +337,9 @@ def _heap_bound(conn: Connection, wf: Workflow, prepared: Prepared, choice: Runt
     again what its passes at once need (plus the process itself), within its memory budget."""
     if prepared.task_bytes is None or wf.cluster.allocator != "tuned":
         return None
-    bound = int(1.5 * choice.slots * prepared.task_bytes) + PROCESS_BYTES
-    if conn.shape.memory_per_worker is not None:
-        bound = min(bound, int(conn.shape.memory_per_worker * wf.tiling.memory_share) + PROCESS_BYTES)
-    return bound
+    needed = int(1.5 * choice.slots * prepared.task_bytes)
+    budget = worker_memory_budget(wf, conn.shape)
+    return (needed if budget is None else min(needed, budget)) + PROCESS_BYTES
 
 
 def _check_allocator(conn: Connection, wf: Workflow, out: TextIO) -> None:

@@ -73,6 +73,14 @@ def small_edge(geometry: NetworkGeometry) -> int:
     return size
 
 
+def worker_memory_budget(wf: Workflow, shape: ClusterShape) -> int | None:
+    """Bytes of a worker's memory its tasks may use together (``tiling.memory_share``); None
+    where the cluster does not say how much memory a worker has."""
+    if shape.memory_per_worker is None:
+        return None
+    return int(shape.memory_per_worker * wf.tiling.memory_share)
+
+
 def task_budget(wf: Workflow, shape: ClusterShape) -> Budget:
     """Bytes one block task may use, and the forward passes the cluster runs at once."""
     share = wf.tiling.memory_share
