@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from .downsample import Downsampling
 from .errors import WorkflowError
 from .io import fs
 from .mirror import MirrorMode
@@ -362,6 +363,11 @@ class InferenceConfig(Section):
     )
 
 
+class ClassConfig(Section):
+    name: str
+    colour: Annotated[tuple[int, int, int] | None, PlainValidator(_colour), _TupleAsList] = None
+
+
 class OutputConfig(Section):
     path: PathStr
     overwrite: bool = False
@@ -373,11 +379,18 @@ class OutputConfig(Section):
         default=False,
         description="zarr 3 sharding: each block's chunks in one object (one PUT per block)",
     )
-
-
-class ClassConfig(Section):
-    name: str
-    colour: Annotated[tuple[int, int, int] | None, PlainValidator(_colour), _TupleAsList] = None
+    pyramid: bool = Field(
+        default=True,
+        description="OME-Zarr multiscale levels 1, 2, ... (y, x halved each) until one fits a chunk",
+    )
+    downsampling: Downsampling = Field(
+        default="mode", description="how a pyramid level summarises 2 x 2 labels: mode (ties: smallest id) or nearest"
+    )
+    classes: list[ClassConfig] | None = Field(
+        default=None,
+        description="class names (and colours) in id order for the OME-Zarr image-label metadata; "
+        "default: evaluation.classes",
+    )
 
 
 class EvaluationConfig(Section):

@@ -19,8 +19,11 @@ from dask.utils import parse_timedelta
 from distributed import KilledWorker, as_completed
 
 from .cluster import Connection
+from .downsample import Downsampling
 from .errors import ExecutionError, PipelineError
 from .inference import InferenceSpec, run_block, share_spec
+from .io import fs
+from .io.ome import level_chunk_indices, write_level_chunk
 from .progress import Progress
 from .skip_blocks import write_skipped_block
 from .tiling import TilePlan
@@ -136,6 +139,36 @@ def execute_blocks(
         raise
     counts.retried = _retried_blocks(client, keys, cfg.retries)
     return Execution(time.perf_counter() - start, filled, pixels, submitted)
+
+
+def build_pyramid(
+    conn: Connection, path: str, run_id: str, levels: int, method: Downsampling, storage: fs.StorageRules
+) -> float:
+    """Compute pyramid levels ``1 .. levels`` of the volume at ``path``, each from the one
+    before (one task per chunk of the new level); seconds taken. A failed chunk stops the
+    run: the volume stays unfinished, and ``--resume`` builds the levels again."""
+    client, start = conn.client, time.perf_counter()
+    for level in range(1, levels + 1):
+        indices = level_chunk_indices(path, level)
+        keys = [f"pyramid-{run_id[:8]}-{level}-{'-'.join(map(str, i))}" for i in indices]
+        futures = client.map(
+            write_level_chunk, indices, path=path, run_id=run_id, level=level, method=method,
+            storage=storage, key=keys, retries=conn.cfg.retries,
+        )  # fmt: skip
+        try:
+            for future in as_completed(futures):
+                if future.status != "finished":
+                    exc = _exception_of(future)
+                    if isinstance(exc, PipelineError):
+                        raise exc
+                    raise ExecutionError(
+                        f"pyramid level {level} of {fs.redact(path)}: chunk {future.key.rsplit('-', len(indices[0]))[1:]} "
+                        f"failed: {one_line(exc)}; the volume stays unfinished (rerun with --resume)"
+                    )
+        except BaseException:
+            client.cancel(futures, force=True)
+            raise
+    return time.perf_counter() - start
 
 
 class WorkerWatch:

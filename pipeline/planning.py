@@ -15,10 +15,13 @@ import numpy as np
 from .autotile import TileChoice
 from .cluster import ClusterShape, check_cluster, cluster_shape
 from .config import DeclaredGeometry, EvaluationConfig, NormalizeConfig, Workflow
+from .coordinates import PixelGrid, describe_grid
+from .downsample import level_shapes
 from .encodings import LabelEncoding
 from .errors import EvaluationError, PipelineError
 from .evaluation import EvaluationSpec
 from .io import fs
+from .io.coordinates import read_pixel_grid
 from .io.images import ImageReader, ImageSpec, open_image
 from .io.labels import check_output_free, is_label_volume, label_dtype, recorded_run
 from .io.locations import check_not_an_input, check_writable
@@ -48,6 +51,24 @@ class Prepared:
     skip: SkipPlan | None = None  # tiling.skip: the rules, and the blocks the mask skips
     tile_choice: TileChoice | None = None  # how tiling.tile: auto chose the tile
     memory: TaskMemory | None = None  # a block task's memory, by tile size
+    grid: PixelGrid | None = None  # the input's pixel size and georeference
+
+    @property
+    def pixel_grid(self) -> PixelGrid:
+        return self.grid or PixelGrid.unknown(len(self.plan.image_shape))
+
+    @property
+    def pyramid(self) -> list[tuple[int, ...]]:
+        """Shapes of the label pyramid's levels after the first (none without output.pyramid)."""
+        if not self.workflow.output.pyramid:
+            return []
+        return level_shapes(self.plan.image_shape, self.output_chunks)[1:]
+
+    @property
+    def output_chunks(self) -> tuple[int, ...]:
+        """The label array's chunks: ``output.chunk``, or one per block."""
+        chunk = self.workflow.output.chunk
+        return (chunk,) * len(self.plan.block_shape) if chunk else self.plan.block_shape
 
     @property
     def task_bytes(self) -> int | None:
@@ -236,6 +257,7 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
         plan_skips(wf, image, plan),
         choice,
         memory,
+        read_pixel_grid(input_spec(wf), len(image.shape)),
     )
     check_cluster(wf.cluster, wf.inference.device, prepared.task_bytes or 0)
     return prepared
@@ -370,6 +392,8 @@ def describe_plan(p: Prepared) -> str:
         + (" (auto: measured on a worker at run start)" if "auto" in (wf.inference.channels_last, wf.inference.torch_threads) else ""),
         f"memory     {_memory_line(p)}",
         f"output     {fs.redact(wf.output.path)} ({p.label_dtype}, {_layout(wf, plan.block_shape)})",
+        f"           {_pyramid_line(p)}",
+        f"pixels     {describe_grid(p.pixel_grid)}",
     ]
     if wf.evaluation is not None:
         lines.append(f"evaluation {fs.redact(wf.evaluation.ground_truth)} ({wf.evaluation.encoding}) -> {fs.redact(p.report_path or '')}")
@@ -378,6 +402,14 @@ def describe_plan(p: Prepared) -> str:
     lines.append(f"cluster    {p.cluster.describe()}")
     lines += [f"note       {n}" for n in p.notes]
     return "\n".join(lines)
+
+
+def _pyramid_line(p: Prepared) -> str:
+    levels = p.pyramid
+    if not levels:
+        return "OME-Zarr label image, one level (output.pyramid: false)"
+    shapes = ", ".join(" x ".join(map(str, s)) for s in levels)
+    return f"OME-Zarr label image with {len(levels)} more level{'s' * (len(levels) > 1)} ({p.workflow.output.downsampling} of 2 x 2): {shapes}"
 
 
 def _tile_reason(p: Prepared) -> str:

@@ -21,7 +21,7 @@ from .cluster.environment import allocator_environment
 from .config import NormalizeConfig, Workflow
 from .errors import ExecutionError, PipelineError, ResumeRefusedError, RunInterrupted
 from .evaluation import LabelPair
-from .execution import BlockCounts, execute_blocks, one_line
+from .execution import BlockCounts, build_pyramid, execute_blocks, one_line
 from .inference import InferenceSpec, measure_batch_size
 from .io import fs
 from .io.images import ImageSpec, pinned_version
@@ -34,6 +34,7 @@ from .io.labels import (
     resume_label_volume,
 )
 from .io.locks import output_lock
+from .io.ome import label_group_attributes
 from .metrics import Scores
 from .normalization import resolve_normalization
 from .planning import (
@@ -233,11 +234,20 @@ def _run_connected(
             shape=plan.image_shape,
             chunks=plan.block_shape,
             dtype=prepared.label_dtype,
-            provenance={**_provenance(prepared, normalize), "runtime": choice.as_dict(), "fingerprints": fingerprints},
+            provenance={
+                **_provenance(prepared, normalize),
+                "runtime": choice.as_dict(),
+                "fingerprints": fingerprints,
+                "pyramid": {"levels": len(prepared.pyramid), "downsampling": wf.output.downsampling},
+                "pixels": prepared.pixel_grid.as_dict(),
+            },
             overwrite=wf.output.overwrite,
             reports=reports,
             inner_chunks=(wf.output.chunk,) * len(plan.block_shape) if wf.output.chunk else None,
             sharded=wf.output.shard,
+            pyramid=prepared.pyramid,
+            ome=_ome_attributes(wf, prepared),
+            attributes=_geo_attributes(prepared),
         )
     timings["normalization"] = time.perf_counter() - t
     state.run_id = run_id
@@ -278,6 +288,12 @@ def _run_connected(
             state.cluster = {"description": conn.shape.describe(), **_describe(conn)}
     timings["predict"] = execution.seconds
     timings["submit"] = execution.submit_seconds
+    pyramid = check_run(wf.output.path, run_id).get("pyramid") or {}
+    if pyramid.get("levels"):  # as the volume was created (a resumed run keeps its layout)
+        timings["pyramid"] = build_pyramid(
+            conn, wf.output.path, run_id, int(pyramid["levels"]), pyramid["downsampling"], storage_rules(wf)
+        )
+        print(f"pyramid    {pyramid['levels']} more levels written ({pyramid['downsampling']})", file=out, flush=True)
     computed_pixels = execution.computed_pixels  # by the model: skipped blocks are not in the rate
     state.tiles = plan.n_tiles - resumed_tiles
     state.megapixels_per_second = round(computed_pixels / execution.seconds / 1e6, 4) if execution.seconds else None
@@ -311,6 +327,26 @@ def _run_connected(
         return _evaluate(wf, prepared, out)
     finally:
         timings["evaluate"] = time.perf_counter() - t
+
+
+def _ome_attributes(wf: Workflow, prepared: Prepared) -> dict[str, Any]:
+    """The volume's OME-NGFF metadata: levels, pixel size, class colours and names."""
+    classes = wf.output.classes or (wf.evaluation.classes if wf.evaluation is not None else None)
+    return label_group_attributes(
+        fs.stem(wf.output.path),
+        1 + len(prepared.pyramid),
+        prepared.pixel_grid,
+        wf.output.downsampling,
+        wf.model.num_classes,
+        [c.name for c in classes] if classes else None,
+        [c.colour for c in classes] if classes else None,
+    )
+
+
+def _geo_attributes(prepared: Prepared) -> dict[str, Any]:
+    """A georeferenced input's CRS and transform, beside the OME metadata (as GDAL states them)."""
+    geo = prepared.pixel_grid.georeference
+    return {} if geo is None else {"georeference": geo.as_dict()}
 
 
 def _tune(conn: Connection, wf: Workflow, prepared: Prepared, out: TextIO) -> RuntimeChoice:

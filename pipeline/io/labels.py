@@ -2,8 +2,10 @@
 
 Layout of ``out/slide.zarr`` (a local folder or a prefix in an object store)::
 
-    zarr.json          group: ome.multiscales (napari opens it), pipeline.* provenance
+    zarr.json          group: ome.multiscales + image-label (napari opens it), pipeline.*
+                       provenance, georeference (a GeoTIFF input's CRS and transform)
     0/zarr.json        uint8/uint16 array, chunks = the tiling's blocks (or ``output.chunk``)
+    1/, 2/, ...        pyramid levels (y, x halved each), written after every block (:mod:`.ome`)
     0/c/i/j            one chunk per block (or per ``output.chunk``; with ``output.shard`` one
                        shard per block), written whole by exactly one task
     blocks/zarr.json   uint8 ledger, one element (and one chunk) per block
@@ -49,6 +51,7 @@ from . import fs, ownership
 LABEL_ARRAY = "0"
 LEDGER = "blocks"
 ARRAYS = (LABEL_ARRAY, LEDGER)
+MAX_LEVELS = 64  # pyramid levels "1", "2", ... looked for beside LABEL_ARRAY
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
 # zarr's LocalStore writes through "<name>.<uuid hex>.partial" files: an interrupted write leaves one
@@ -153,12 +156,19 @@ def create_label_volume(
     *,
     inner_chunks: tuple[int, ...] | None = None,
     sharded: bool = False,
+    pyramid: Sequence[tuple[int, ...]] = (),
+    ome: dict[str, Any] | None = None,
+    attributes: dict[str, Any] | None = None,
 ) -> str:
     """Create the group and an empty label array, marked ``running``; returns the run id.
 
     ``chunks`` is the block: the unit one task writes. ``inner_chunks`` (dividing it) is the
     unit a reader fetches: stored as separate chunks, or with ``sharded`` as the inner
-    chunks of one shard per block (one object per block in a store). Call under
+    chunks of one shard per block (one object per block in a store). ``pyramid``: the
+    shapes of the levels after the first (arrays ``1``, ``2``, ..., chunked like
+    ``inner_chunks``), computed once every block is written (:mod:`.ome`); ``ome``: the
+    group's OME-NGFF attribute (default: one level, unit-less pixels); ``attributes``: more
+    group attributes (a georeference). Call under
     :func:`pipeline.io.locks.output_lock`: the check and the replacement must not
     interleave with another run's.
     """
@@ -183,6 +193,15 @@ def create_label_volume(
             fill_value=0,
             dimension_names=[a["name"] for a in axes],
         )
+        for level, level_shape in enumerate(pyramid, start=1):
+            group.create_array(
+                str(level),
+                shape=level_shape,
+                chunks=tuple(min(c, n) for c, n in zip(inner, level_shape)),
+                dtype=dtype,
+                fill_value=0,
+                dimension_names=[a["name"] for a in axes],
+            )
         group.create_array(
             LEDGER,
             shape=tuple(-(-n // c) for n, c in zip(shape, chunks)),
@@ -193,7 +212,8 @@ def create_label_volume(
         record = {**provenance, "status": STATUS_RUNNING, "run_id": run_id, "started": _now()}
         group.attrs.update(
             {
-                "ome": {
+                "ome": ome
+                or {
                     "version": "0.5",
                     "multiscales": [
                         {
@@ -212,6 +232,7 @@ def create_label_volume(
                     "image-label": {"version": "0.5"},
                 },
                 "pipeline": ownership.signed(record, fs.location(path)),
+                **(attributes or {}),
             }
         )
     return run_id
@@ -255,7 +276,9 @@ def foreign_entries(path: str) -> list[str]:
 def _chunk_grids(path: str) -> dict[str, list[int]] | None:
     """Chunks (or shards) along each axis of each array of the volume (None if unreadable)."""
     grids = {}
-    for name in ARRAYS:
+    for name in (*ARRAYS, *map(str, range(1, MAX_LEVELS))):
+        if name.isdigit() and name != LABEL_ARRAY and str(int(name) - 1) not in grids:
+            break  # pyramid levels are consecutive
         try:
             array = json.loads(fs.read_bytes(fs.join(path, name, "zarr.json")))
             grids[name] = [
@@ -272,12 +295,12 @@ def _expected(key: str, is_dir: bool, grids: dict[str, list[int]]) -> bool:
     """Whether ``key`` (relative, ``/``-separated) belongs to the layout of a volume with ``grids``."""
     parts = key.split("/")
     rel, name = tuple(parts[:-1]), parts[-1]
-    if (rel == () or (len(rel) == 1 and rel[0] in ARRAYS)) and not is_dir and _METADATA.fullmatch(name):
+    if (rel == () or (len(rel) == 1 and rel[0] in grids)) and not is_dir and _METADATA.fullmatch(name):
         return True
     if rel == ():
-        return is_dir and name in ARRAYS
+        return is_dir and name in grids
     if len(rel) == 1:
-        return rel[0] in ARRAYS and is_dir and name == "c"
+        return rel[0] in grids and is_dir and name == "c"
     grid = grids.get(rel[0])
     depth = len(rel) - 2  # index of the chunk-grid axis this entry names
     if grid is None or rel[1] != "c" or depth >= len(grid):
@@ -299,7 +322,7 @@ def write_block(path: str, run_id: str, box: Box, labels: np.ndarray) -> None:
     arrays, so a volume recreated under the same path is never written through a stale handle.
     """
     check_run(path, run_id)
-    array = _open_for_write(path, run_id, LABEL_ARRAY)
+    array = open_for_write(path, run_id, LABEL_ARRAY)
     check_chunk_aligned(box, tuple(array.shape), tuple(array.shards or array.chunks))
     if labels.shape != box.shape:
         raise ValueError(f"labels of shape {labels.shape} for box {box}")
@@ -333,7 +356,7 @@ def check_run(path: str, run_id: str) -> dict[str, Any]:
 
 def mark_block_done(path: str, run_id: str, index: tuple[int, ...]) -> None:
     """Record in the ledger that block ``index`` is written (call after :func:`write_block`)."""
-    _open_for_write(path, run_id, LEDGER)[index] = 1
+    open_for_write(path, run_id, LEDGER)[index] = 1
 
 
 def done_blocks(path: str) -> set[tuple[int, ...]]:
@@ -484,7 +507,8 @@ def _status_of(path: str) -> str | None:
 
 
 @lru_cache(maxsize=8)
-def _open_for_write(path: str, run_id: str, name: str) -> zarr.Array:
+def open_for_write(path: str, run_id: str, name: str) -> zarr.Array:
+    """Array ``name`` of this run's volume, opened once per process (``run_id`` keys the cache)."""
     # Every chunk is written, also one of zeros: one PUT, never a DELETE (and its listing).
     array = zarr.open_array(store=fs.zarr_store(fs.join(path, name), read_only=False), mode="r+")
     return array.with_config({"write_empty_chunks": True})

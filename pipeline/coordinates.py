@@ -1,0 +1,127 @@
+"""Where an image's pixels are in the world (pure): pixel size and unit, and a GeoTIFF's CRS.
+
+Read from the input (:mod:`pipeline.io.coordinates`) and carried into the label volume: as
+OME-NGFF ``scale`` transformations and axis units per pyramid level, and, for a GeoTIFF, as
+its CRS and affine transform (the way GDAL and rioxarray state them) plus its GeoTIFF tags
+verbatim, so an export can give the labels exactly the input's georeference.
+
+A GeoTIFF's affine transform maps (column, row) of a pixel's corner to map coordinates::
+
+    x = a * col + b * row + c
+    y = d * col + e * row + f         (north-up: b = d = 0, e < 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# OME-NGFF space units (UDUNITS-2 names) by the spellings OME-XML and GeoTIFF use.
+_UNITS = {
+    "Å": "angstrom", "nm": "nanometer", "µm": "micrometer", "um": "micrometer", "mm": "millimeter",
+    "cm": "centimeter", "m": "meter", "km": "kilometer", "pm": "picometer", "in": "inch", "ft": "foot",
+}  # fmt: skip
+NGFF_SPACE_UNITS = frozenset(_UNITS.values()) | {"meter", "foot", "yard", "mile"}
+# GeoTIFF ProjLinearUnitsGeoKey codes (EPSG unit codes).
+_GEOTIFF_LINEAR_UNITS = {9001: "meter", 9002: "foot", 9003: "foot", 9036: "kilometer"}
+
+Affine = tuple[float, float, float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Georeference:
+    """A GeoTIFF's placement on the map: ``crs`` as ``EPSG:<code>`` when the file names one."""
+
+    crs: str | None
+    transform: Affine  # (a, b, c, d, e, f), see the module docstring
+    citation: str | None = None
+    # The GeoTIFF tags as stored, (code, TIFF datatype, values): copied into an export as they are.
+    tags: tuple[tuple[int, int, tuple[Any, ...]], ...] = ()
+
+    def gdal_geotransform(self) -> tuple[float, float, float, float, float, float]:
+        """GDAL's order: (c, a, b, f, d, e)."""
+        a, b, c, d, e, f = self.transform
+        return (c, a, b, f, d, e)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "crs": self.crs,
+            "transform": list(self.transform),
+            "GeoTransform": " ".join(repr(float(v)) for v in self.gdal_geotransform()),
+            "citation": self.citation,
+        }
+
+
+@dataclass(frozen=True)
+class PixelGrid:
+    """Size (and unit, None when unknown) of a pixel along each spatial axis; ``source`` says
+    where it was read from. The default: 1 unit-less pixel per pixel."""
+
+    scale: tuple[float, ...]
+    units: tuple[str | None, ...]
+    source: str = "none"
+    georeference: Georeference | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def unknown(cls, ndim: int) -> PixelGrid:
+        return cls((1.0,) * ndim, (None,) * ndim)
+
+    def as_dict(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"scale": list(self.scale), "units": list(self.units), "source": self.source}
+        if self.georeference is not None:
+            found["georeference"] = self.georeference.as_dict()
+        return found
+
+
+def ngff_unit(text: str | None) -> str | None:
+    """The OME-NGFF name of a length unit (``µm`` -> ``micrometer``), None if not one."""
+    if text is None:
+        return None
+    name = _UNITS.get(text.strip(), text.strip().lower())
+    return name if name in NGFF_SPACE_UNITS else None
+
+
+def geotiff_linear_unit(code: int | None) -> str | None:
+    return _GEOTIFF_LINEAR_UNITS.get(int(code)) if code is not None else None
+
+
+def affine_from_geotiff(
+    pixel_scale: tuple[float, ...] | None,
+    tiepoint: tuple[float, ...] | None,
+    transformation: tuple[float, ...] | None,
+) -> Affine | None:
+    """The affine transform of a GeoTIFF's ModelTransformation tag (16 values), or of its
+    ModelPixelScale (Sx, Sy, Sz) and first ModelTiepoint (I, J, K, X, Y, Z): raster (I, J)
+    sits at map (X, Y), rows going south."""
+    if transformation is not None and len(transformation) >= 8:
+        m = [float(v) for v in transformation]
+        return (m[0], m[1], m[3], m[4], m[5], m[7])
+    if pixel_scale is None or tiepoint is None or len(pixel_scale) < 2 or len(tiepoint) < 6:
+        return None
+    sx, sy = float(pixel_scale[0]), float(pixel_scale[1])
+    i, j, x, y = (float(v) for v in (tiepoint[0], tiepoint[1], tiepoint[3], tiepoint[4]))
+    return (sx, 0.0, x - i * sx, 0.0, -sy, y + j * sy)
+
+
+def level_transformations(grid: PixelGrid, factors: tuple[int, ...], offsets: tuple[float, ...]) -> list[dict[str, Any]]:
+    """OME-NGFF ``coordinateTransformations`` of a pyramid level whose pixel spans ``factors``
+    full-resolution pixels and starts ``offsets`` full-resolution pixels in, per axis."""
+    scale = [s * f for s, f in zip(grid.scale, factors)]
+    found: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
+    if any(offsets):
+        found.append({"type": "translation", "translation": [s * o for s, o in zip(grid.scale, offsets)]})
+    return found
+
+
+def describe_grid(grid: PixelGrid) -> str:
+    """One line for the plan: ``0.5 x 0.5 meter (GeoTIFF, EPSG:32616)``."""
+    if grid.source == "none":
+        return "size unknown (the input states none): 1 pixel per unit in the output's metadata"
+    sizes = " x ".join(f"{s:g}" for s in grid.scale)
+    units = {u for u in grid.units if u is not None}
+    text = f"{sizes} {units.pop() if len(units) == 1 else '(' + ', '.join(str(u) for u in grid.units) + ')'}" if units else f"{sizes} (no unit)"
+    where = grid.source
+    if grid.georeference is not None:
+        where += f", {grid.georeference.crs or 'CRS without an EPSG code'}"
+    return f"{text} ({where}), carried into the labels' metadata"

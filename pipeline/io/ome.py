@@ -1,0 +1,126 @@
+"""OME-Zarr metadata of a label volume and its pyramid levels.
+
+A label volume is an OME-NGFF 0.5 label image (``image-label``) with a multiscale pyramid:
+arrays ``0`` (full resolution, written by the blocks), ``1``, ``2``, ... each halving y and x
+(:mod:`pipeline.downsample`), until a level fits one chunk. Every level carries the input's
+pixel size and units (:mod:`pipeline.coordinates`) times its factor, and for ``mode``
+downsampling the translation to its windows' centres. Classes get a colour each (the
+workflow's, or a fixed palette) and their names as properties, as napari and other viewers
+read them.
+
+Levels are computed after every block is written, level by level, one task per chunk of the
+new level reading the ``2c x 2c`` pixels beneath it in the level before (never a whole level
+in memory). A level chunk is a pure function of the level below, so a task Dask runs twice,
+or a resumed run, writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ..coordinates import PixelGrid, level_transformations
+from ..downsample import FACTOR, Downsampling, downsample, level_offset, level_scale
+from ..geometry import Box
+from . import fs
+from .labels import check_chunk_aligned, check_run, open_for_write
+
+NGFF_VERSION = "0.5"
+# Distinct colours for the first classes (RGB), then hues around the circle by the golden angle.
+_PALETTE = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180),
+    (0, 0, 128), (128, 128, 128),
+)  # fmt: skip
+
+
+def default_colour(class_id: int) -> tuple[int, int, int]:
+    if class_id < len(_PALETTE):
+        return _PALETTE[class_id]
+    r, g, b = colorsys.hsv_to_rgb((class_id * 0.618033988749895) % 1.0, 0.75, 0.95)
+    return (round(r * 255), round(g * 255), round(b * 255))
+
+
+def label_group_attributes(
+    name: str,
+    level_count: int,
+    grid: PixelGrid,
+    downsampling: Downsampling,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    class_colours: Sequence[tuple[int, int, int] | None] | None = None,
+    source_image: str | None = None,
+) -> dict[str, Any]:
+    """The group's ``ome`` attribute: multiscales over ``level_count`` levels and image-label."""
+    ndim = len(grid.scale)
+    axis_names = "zyx"[-ndim:]
+    axes = []
+    for axis, unit in zip(axis_names, grid.units):
+        entry: dict[str, Any] = {"name": axis, "type": "space"}
+        if unit is not None:
+            entry["unit"] = unit
+        axes.append(entry)
+    datasets = []
+    for level in range(level_count):
+        factors = (1,) * (ndim - 2) + (level_scale(level),) * 2
+        offsets = (0.0,) * (ndim - 2) + (level_offset(level, downsampling),) * 2
+        datasets.append({"path": str(level), "coordinateTransformations": level_transformations(grid, factors, offsets)})
+    colours = []
+    properties = []
+    for class_id in range(num_classes):
+        given = class_colours[class_id] if class_colours and class_id < len(class_colours) else None
+        rgb = given or default_colour(class_id)
+        colours.append({"label-value": class_id, "rgba": [*map(int, rgb), 255]})
+        if class_names and class_id < len(class_names):
+            properties.append({"label-value": class_id, "class": class_names[class_id]})
+    image_label: dict[str, Any] = {"version": NGFF_VERSION, "colors": colours}
+    if properties:
+        image_label["properties"] = properties
+    if source_image is not None:
+        image_label["source"] = {"image": source_image}
+    multiscale: dict[str, Any] = {
+        "name": name,
+        "axes": axes,
+        "datasets": datasets,
+        "type": downsampling,
+        "metadata": {"method": "pipeline.downsample", "description": f"{downsampling} of 2 x 2 windows (y, x) per level"},
+    }
+    return {"version": NGFF_VERSION, "multiscales": [multiscale], "image-label": image_label}
+
+
+def level_chunks(level_shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
+    """A pyramid level's chunks: the full-resolution level's, no larger than the level."""
+    return tuple(min(c, n) for c, n in zip(chunks, level_shape))
+
+
+def level_chunk_indices(path: str, level: int) -> list[tuple[int, ...]]:
+    """Every chunk of pyramid ``level`` (>= 1): one task each."""
+    array = zarr.open_array(store=fs.zarr_store(fs.join(path, str(level)), read_only=True), mode="r")
+    grid = [-(-n // c) for n, c in zip(array.shape, array.chunks)]
+    return list(np.ndindex(*grid))
+
+
+def write_level_chunk(
+    index: tuple[int, ...], path: str, run_id: str, level: int, method: Downsampling, storage: fs.StorageRules
+) -> None:
+    """Compute chunk ``index`` of pyramid ``level`` from ``level - 1`` and write it whole
+    (a task: ``storage`` are the run's storage options)."""
+    fs.use_rules(storage)
+    check_run(path, run_id)
+    target = open_for_write(path, run_id, str(level))
+    source = zarr.open_array(store=fs.zarr_store(fs.join(path, str(level - 1)), read_only=True), mode="r")
+    chunks = tuple(target.chunks)
+    start = tuple(i * c for i, c in zip(index, chunks))
+    box = Box(start, tuple(min(c, n - s) for c, n, s in zip(chunks, target.shape, start)))
+    check_chunk_aligned(box, tuple(target.shape), chunks)
+    lead = len(chunks) - 2
+    read = tuple(
+        slice(s, s + n) if axis < lead else slice(FACTOR * s, min(FACTOR * (s + n), source.shape[axis]))
+        for axis, (s, n) in enumerate(zip(box.offset, box.shape))
+    )
+    target[box.slices()] = downsample(np.asarray(source[read]), method)
