@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.autotile import BLOCK_COST_PIXELS, CPU_PASS_LIMIT, TileBudget, choose_tile
+from pipeline.autotile import BLOCK_COST_PIXELS, CPU_PASS_LIMIT, TOLERANCE, TileBudget, choose_tile
 from pipeline.errors import TilingError
 from pipeline.models.unet import unet_geometry
 from pipeline.tiling import NetworkGeometry, plan_tiles
@@ -124,7 +124,11 @@ def test_the_choice_is_legal_fits_and_no_legal_tile_that_fits_is_faster(geo, sha
     best = brute_force_time(shape, choice.tile, geo, slots)
     for t in range(geo.tile_multiple, min(choice.tile, 1024), geo.tile_multiple):
         if _legal(shape, t, geo) and math.ceil(max(shape) / t) <= 40:
-            assert brute_force_time(shape, t, geo, slots) >= best * 0.999 or not _fits(shape, t, geo, bytes_per_px, memory)
+            # The choice is the smallest candidate within TOLERANCE of the fastest candidate, and
+            # candidates are a grid (plus even splits): a smaller legal tile off that grid may be
+            # faster than the choice, but not by more than the tolerance.
+            faster_bound = best / (1 + TOLERANCE)
+            assert brute_force_time(shape, t, geo, slots) >= faster_bound or not _fits(shape, t, geo, bytes_per_px, memory)
 
 
 def _legal(shape: tuple[int, int], t: int, geo: NetworkGeometry) -> bool:

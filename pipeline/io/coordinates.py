@@ -33,7 +33,7 @@ def read_pixel_grid(spec: ImageSpec, ndim: int) -> PixelGrid:
             return _tiff_grid(spec, ndim)
         if fs.is_local(spec.path) and fs.is_dir(spec.path) or not fs.is_local(spec.path):
             return _zarr_grid(spec.path, ndim)
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError, SyntaxError):  # SyntaxError: bad OME-XML
         pass
     return PixelGrid.unknown(ndim)
 

@@ -102,7 +102,7 @@ def test_pipeline_run_joins_a_scheduler_started_by_hand(tmp_path, scheduler) -> 
     run = json.loads((tmp_path / "out" / "labels.run.json").read_text())
     assert run["status"] == "complete" and run["blocks"] == {"total": 12, "resumed": 0, "computed": 12, "skipped": 0, "retried": 0, "failed": 0}
     assert run["cluster"]["backend"] == "address" and run["cluster"]["workers"] == 2
-    assert set(run["timings"]) == {"plan", "normalization", "predict", "submit", "total"}
+    assert set(run["timings"]) == {"plan", "normalization", "predict", "submit", "pyramid", "total"}
     assert run["workflow_sha256"] and run["versions"]["dask"] and run["versions"]["torch"]
     assert run["model"]["arch"] == "custom" and run["megapixels_per_second"] > 0
     recorded = json.dumps(run) + json.dumps(dict(volume.attrs))
