@@ -13,7 +13,7 @@ A GeoTIFF's affine transform maps (column, row) of a pixel's corner to map coord
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # OME-NGFF space units (UDUNITS-2 names) by the spellings OME-XML and GeoTIFF use.
@@ -61,7 +61,6 @@ class PixelGrid:
     units: tuple[str | None, ...]
     source: str = "none"
     georeference: Georeference | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def unknown(cls, ndim: int) -> PixelGrid:
@@ -119,9 +118,14 @@ def describe_grid(grid: PixelGrid) -> str:
     if grid.source == "none":
         return "size unknown (the input states none): 1 pixel per unit in the output's metadata"
     sizes = " x ".join(f"{s:g}" for s in grid.scale)
-    units = {u for u in grid.units if u is not None}
-    text = f"{sizes} {units.pop() if len(units) == 1 else '(' + ', '.join(str(u) for u in grid.units) + ')'}" if units else f"{sizes} (no unit)"
+    units = set(grid.units) - {None}
+    if not units:
+        unit = "(no unit)"
+    elif len(units) == 1:
+        unit = str(units.pop())
+    else:
+        unit = f"({', '.join(str(u) for u in grid.units)})"
     where = grid.source
     if grid.georeference is not None:
         where += f", {grid.georeference.crs or 'CRS without an EPSG code'}"
-    return f"{text} ({where}), carried into the labels' metadata"
+    return f"{sizes} {unit} ({where}), carried into the labels' metadata"

@@ -151,6 +151,7 @@ def build_pyramid(
     for level in range(1, levels + 1):
         indices = level_chunk_indices(path, level)
         keys = [f"pyramid-{run_id[:8]}-{level}-{'-'.join(map(str, i))}" for i in indices]
+        index_of = dict(zip(keys, indices))
         futures = client.map(
             write_level_chunk, indices, path=path, run_id=run_id, level=level, method=method,
             storage=storage, key=keys, retries=conn.cfg.retries,
@@ -162,7 +163,7 @@ def build_pyramid(
                     if isinstance(exc, PipelineError):
                         raise exc
                     raise ExecutionError(
-                        f"pyramid level {level} of {fs.redact(path)}: chunk {future.key.rsplit('-', len(indices[0]))[1:]} "
+                        f"pyramid level {level} of {fs.redact(path)}: chunk {index_of[future.key]} "
                         f"failed: {one_line(exc)}; the volume stays unfinished (rerun with --resume)"
                     )
         except BaseException:

@@ -257,7 +257,7 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
         plan_skips(wf, image, plan),
         choice,
         memory,
-        read_pixel_grid(input_spec(wf), len(image.shape)),
+        read_pixel_grid(image),
     )
     check_cluster(wf.cluster, wf.inference.device, prepared.task_bytes or 0)
     return prepared

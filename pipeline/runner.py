@@ -217,6 +217,7 @@ def _run_connected(
                 str(exc).replace("set output.overwrite: true to start over", "run without --resume to start over")
             ) from None
         record = check_run(wf.output.path, run_id)
+        pyramid: dict[str, Any] = record.get("pyramid") or {}  # as the volume was created: a resumed run keeps its layout
         normalize = NormalizeConfig.model_validate(record["normalization"], strict=False)
         choice = _kept_memory_format(choice, record)
         print(
@@ -229,6 +230,7 @@ def _run_connected(
         normalize = resolve_normalization(prepared.normalize, image, non_finite_fill(wf))
         if not prepared.normalize.fixed:
             print(f"normalise  resolved: {describe_normalization(normalize)}", file=out, flush=True)
+        pyramid = {"levels": len(prepared.pyramid), "downsampling": wf.output.downsampling}
         run_id = create_label_volume(
             wf.output.path,
             shape=plan.image_shape,
@@ -238,12 +240,12 @@ def _run_connected(
                 **_provenance(prepared, normalize),
                 "runtime": choice.as_dict(),
                 "fingerprints": fingerprints,
-                "pyramid": {"levels": len(prepared.pyramid), "downsampling": wf.output.downsampling},
+                "pyramid": pyramid,
                 "pixels": prepared.pixel_grid.as_dict(),
             },
             overwrite=wf.output.overwrite,
             reports=reports,
-            inner_chunks=(wf.output.chunk,) * len(plan.block_shape) if wf.output.chunk else None,
+            inner_chunks=prepared.output_chunks,
             sharded=wf.output.shard,
             pyramid=prepared.pyramid,
             ome=_ome_attributes(wf, prepared),
@@ -288,8 +290,7 @@ def _run_connected(
             state.cluster = {"description": conn.shape.describe(), **_describe(conn)}
     timings["predict"] = execution.seconds
     timings["submit"] = execution.submit_seconds
-    pyramid = check_run(wf.output.path, run_id).get("pyramid") or {}
-    if pyramid.get("levels"):  # as the volume was created (a resumed run keeps its layout)
+    if pyramid.get("levels"):
         timings["pyramid"] = build_pyramid(
             conn, wf.output.path, run_id, int(pyramid["levels"]), pyramid["downsampling"], storage_rules(wf)
         )

@@ -1,7 +1,7 @@
 """Read where an input's pixels are: OME-TIFF physical sizes, GeoTIFF georeference, OME-Zarr scale.
 
-Read once, on the driver, from the file's header (a TIFF's first IFD and OME-XML, an
-OME-Zarr group's ``multiscales``); pixel data is not touched. What cannot be read gives
+Read once, on the driver, from the header of the image the reader has open (a TIFF's first
+IFD and OME-XML) or an OME-Zarr group's ``multiscales``; pixel data is not touched. What cannot be read gives
 :meth:`PixelGrid.unknown`: a missing pixel size is no reason to refuse an image.
 """
 
@@ -20,42 +20,41 @@ from ..coordinates import (
     ngff_unit,
 )
 from . import fs
-from .images import TIFF_SUFFIXES, ImageSpec
+from .images import ImageReader, ImageSpec, is_zarr
 
 GEOTIFF_TAGS = (33550, 33922, 34264, 34735, 34736, 34737)  # pixel scale, tiepoint, transformation, GeoKeys
 
 
-def read_pixel_grid(spec: ImageSpec, ndim: int) -> PixelGrid:
-    """The pixel size (and georeference) of the ``ndim`` spatial axes of the image at ``spec``."""
+def read_pixel_grid(reader: ImageReader) -> PixelGrid:
+    """The pixel size (and georeference) of the spatial axes of the image ``reader`` has open."""
+    spec, ndim = reader.spec, len(reader.shape)
     fs.use_rules(spec.storage)
     try:
-        if fs.suffix(spec.path).lower() in TIFF_SUFFIXES:
-            return _tiff_grid(spec, ndim)
-        if fs.is_local(spec.path) and fs.is_dir(spec.path) or not fs.is_local(spec.path):
+        if reader.tiff is not None:
+            return _tiff_grid(reader.tiff, spec, ndim)
+        if is_zarr(spec.path):
             return _zarr_grid(spec.path, ndim)
     except (OSError, ValueError, KeyError, TypeError, IndexError, SyntaxError):  # SyntaxError: bad OME-XML
         pass
     return PixelGrid.unknown(ndim)
 
 
-def _tiff_grid(spec: ImageSpec, ndim: int) -> PixelGrid:
-    local = fs.is_local(spec.path)
-    with tifffile.TiffFile(fs.local_path(spec.path) if local else fs.open_read(spec.path)) as tif:
-        series = tif.series[spec.series or 0]
-        page = series.pages[0] if series.pages else tif.pages[0]
-        georeference = _georeference(tif, page) if tif.is_geotiff else None
-        if georeference is not None:
-            a, b, _, d, e, _ = georeference.transform
-            keys = tif.geotiff_metadata or {}
-            unit = geotiff_linear_unit(_code(keys.get("ProjLinearUnitsGeoKey")))
-            if unit is None and _code(keys.get("GTModelTypeGeoKey")) == 1:
-                unit = "meter"  # a projected CRS that names no unit: EPSG's default for them
-            size_y, size_x = (abs(e) or abs(d)), (abs(a) or abs(b))
-            scale = (1.0,) * (ndim - 2) + (size_y, size_x)
-            units = (None,) * (ndim - 2) + (unit, unit)
-            return PixelGrid(scale, units, "GeoTIFF", georeference)
-        if tif.is_ome and tif.ome_metadata:
-            return _ome_grid(tif.ome_metadata, tif.series.index(series), ndim)
+def _tiff_grid(tif: tifffile.TiffFile, spec: ImageSpec, ndim: int) -> PixelGrid:
+    series = tif.series[spec.series or 0]
+    page = series.pages[0] if series.pages else tif.pages[0]
+    georeference = _georeference(tif, page) if tif.is_geotiff else None
+    if georeference is not None:
+        a, b, _, d, e, _ = georeference.transform
+        keys = tif.geotiff_metadata or {}
+        unit = geotiff_linear_unit(_code(keys.get("ProjLinearUnitsGeoKey")))
+        if unit is None and _code(keys.get("GTModelTypeGeoKey")) == 1:
+            unit = "meter"  # a projected CRS that names no unit: EPSG's default for them
+        size_y, size_x = (abs(e) or abs(d)), (abs(a) or abs(b))
+        scale = (1.0,) * (ndim - 2) + (size_y, size_x)
+        units = (None,) * (ndim - 2) + (unit, unit)
+        return PixelGrid(scale, units, "GeoTIFF", georeference)
+    if tif.is_ome and tif.ome_metadata:
+        return _ome_grid(tif.ome_metadata, tif.series.index(series), ndim)
     return PixelGrid.unknown(ndim)
 
 
@@ -100,9 +99,10 @@ def _ome_grid(xml: str, index: int, ndim: int) -> PixelGrid:
 
 def _zarr_grid(path: str, ndim: int) -> PixelGrid:
     """The first dataset's ``scale`` and the space axes' units of an OME-Zarr group."""
-    attrs = json.loads(fs.read_bytes(fs.join(path, "zarr.json"))).get("attributes", {}) if fs.exists(
-        fs.join(path, "zarr.json")
-    ) else json.loads(fs.read_bytes(fs.join(path, ".zattrs")))
+    if fs.exists(fs.join(path, "zarr.json")):  # zarr 3; else zarr 2's attributes file
+        attrs = json.loads(fs.read_bytes(fs.join(path, "zarr.json"))).get("attributes", {})
+    else:
+        attrs = json.loads(fs.read_bytes(fs.join(path, ".zattrs")))
     multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
     if not multiscales:
         return PixelGrid.unknown(ndim)

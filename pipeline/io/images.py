@@ -105,6 +105,11 @@ class ImageReader:
         chunks = tuple(int(c) for i, c in enumerate(array.chunks) if i != axis)
         self.chunks: tuple[int, ...] = chunks
 
+    @property
+    def tiff(self) -> tifffile.TiffFile | None:
+        """The open TIFF file behind the image (its header and tags); None for other formats."""
+        return self._keepalive if isinstance(self._keepalive, tifffile.TiffFile) else None
+
     def read(self, spatial: tuple[slice, ...]) -> np.ndarray:
         """In-image region as ``(C, *spatial)``."""
         index: list[slice] = list(spatial)
@@ -147,14 +152,14 @@ def _open_cached(spec: ImageSpec, version: str) -> ImageReader:
 def _version(spec: ImageSpec) -> str:
     """Changes when the file is replaced; a zarr folder's is its metadata file's."""
     try:
-        if _is_zarr(spec.path):
+        if is_zarr(spec.path):
             return fs.version_token(_zarr_metadata(spec.path))
         return fs.version_token(spec.path)
     except (FileNotFoundError, NotADirectoryError):
         raise InputImageError(f"{spec.field}: file not found: {fs.redact(spec.path)}") from None
 
 
-def _is_zarr(path: str) -> bool:
+def is_zarr(path: str) -> bool:
     if fs.is_local(path):
         return fs.is_dir(path)
     if fs.suffix(path).lower() in TIFF_SUFFIXES + PILLOW_SUFFIXES:
@@ -175,7 +180,7 @@ def _zarr_metadata(path: str) -> str:
 
 def _open_array(spec: ImageSpec) -> tuple[zarr.Array | _InMemoryArray, object]:
     suffix = fs.suffix(spec.path).lower()
-    if _is_zarr(spec.path):
+    if is_zarr(spec.path):
         return _open_zarr(spec), None
     if suffix in TIFF_SUFFIXES:
         return _open_tiff(spec)

@@ -51,7 +51,6 @@ from . import fs, ownership
 LABEL_ARRAY = "0"
 LEDGER = "blocks"
 ARRAYS = (LABEL_ARRAY, LEDGER)
-MAX_LEVELS = 64  # pyramid levels "1", "2", ... looked for beside LABEL_ARRAY
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
 # zarr's LocalStore writes through "<name>.<uuid hex>.partial" files: an interrupted write leaves one
@@ -276,19 +275,26 @@ def foreign_entries(path: str) -> list[str]:
 def _chunk_grids(path: str) -> dict[str, list[int]] | None:
     """Chunks (or shards) along each axis of each array of the volume (None if unreadable)."""
     grids = {}
-    for name in (*ARRAYS, *map(str, range(1, MAX_LEVELS))):
-        if name.isdigit() and name != LABEL_ARRAY and str(int(name) - 1) not in grids:
-            break  # pyramid levels are consecutive
-        try:
-            array = json.loads(fs.read_bytes(fs.join(path, name, "zarr.json")))
-            grids[name] = [
-                -(-int(n) // int(c))
-                for n, c in zip(array["shape"], array["chunk_grid"]["configuration"]["chunk_shape"])
-            ]
-        except (OSError, ValueError, KeyError, TypeError):
-            if name == LABEL_ARRAY:
-                return None
+    for name in ARRAYS:
+        grid = _chunk_grid(path, name)
+        if grid is None and name == LABEL_ARRAY:
+            return None
+        if grid is not None:
+            grids[name] = grid
+    level = 1  # pyramid levels "1", "2", ...: consecutive
+    while (grid := _chunk_grid(path, str(level))) is not None:
+        grids[str(level)] = grid
+        level += 1
     return grids
+
+
+def _chunk_grid(path: str, name: str) -> list[int] | None:
+    """Chunks (or shards) along each axis of array ``name`` of the volume (None if unreadable)."""
+    try:
+        array = json.loads(fs.read_bytes(fs.join(path, name, "zarr.json")))
+        return [-(-int(n) // int(c)) for n, c in zip(array["shape"], array["chunk_grid"]["configuration"]["chunk_shape"])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _expected(key: str, is_dir: bool, grids: dict[str, list[int]]) -> bool:

@@ -93,11 +93,6 @@ def label_group_attributes(
     return {"version": NGFF_VERSION, "multiscales": [multiscale], "image-label": image_label}
 
 
-def level_chunks(level_shape: tuple[int, ...], chunks: tuple[int, ...]) -> tuple[int, ...]:
-    """A pyramid level's chunks: the full-resolution level's, no larger than the level."""
-    return tuple(min(c, n) for c, n in zip(chunks, level_shape))
-
-
 def level_chunk_indices(path: str, level: int) -> list[tuple[int, ...]]:
     """Every chunk of pyramid ``level`` (>= 1): one task each."""
     array = zarr.open_array(store=fs.zarr_store(fs.join(path, str(level)), read_only=True), mode="r")
