@@ -386,6 +386,11 @@ class OutputConfig(Section):
     downsampling: Downsampling = Field(
         default="mode", description="how a pyramid level summarises 2 x 2 labels: mode (ties: smallest id) or nearest"
     )
+    geotiff: bool = Field(
+        default=False,
+        description="also write the labels as a tiled GeoTIFF beside the volume (slide.zarr -> slide.tif), "
+        "with the pyramid as overviews and a GeoTIFF input's georeference",
+    )
     classes: list[ClassConfig] | None = Field(
         default=None,
         description="class names (and colours) in id order for the OME-Zarr image-label metadata; "

@@ -22,6 +22,7 @@ from .errors import EvaluationError, PipelineError
 from .evaluation import EvaluationSpec
 from .io import fs
 from .io.coordinates import read_pixel_grid
+from .io.geotiff import geotiff_path
 from .io.images import ImageReader, ImageSpec, open_image
 from .io.labels import check_output_free, is_label_volume, label_dtype, recorded_run
 from .io.locations import check_not_an_input, check_writable
@@ -166,9 +167,10 @@ def non_finite_fill(wf: Workflow) -> float | None:
 
 
 def report_files(wf: Workflow) -> list[str]:
-    """The files a run of ``wf`` writes beside its output: run.json, and the evaluation's."""
+    """The files a run of ``wf`` writes beside its output: run.json, the evaluation's, the GeoTIFF."""
     evaluation = [] if wf.evaluation is None else ReportFiles.beside(wf.output.path).written()
-    return [run_json_path(wf), *evaluation]
+    geotiff = [geotiff_path(wf.output.path)] if wf.output.geotiff else []
+    return [run_json_path(wf), *evaluation, *geotiff]
 
 
 def run_json_path(wf: Workflow) -> str:
@@ -395,6 +397,8 @@ def describe_plan(p: Prepared) -> str:
         f"           {_pyramid_line(p)}",
         f"pixels     {describe_grid(p.pixel_grid)}",
     ]
+    if wf.output.geotiff:
+        lines.append(f"geotiff    {fs.redact(geotiff_path(wf.output.path))} ({_geotiff_line(p)})")
     if wf.evaluation is not None:
         lines.append(f"evaluation {fs.redact(wf.evaluation.ground_truth)} ({wf.evaluation.encoding}) -> {fs.redact(p.report_path or '')}")
     if p.skip is not None:
@@ -410,6 +414,13 @@ def _pyramid_line(p: Prepared) -> str:
         return "OME-Zarr label image, one level (output.pyramid: false)"
     shapes = ", ".join(" x ".join(map(str, s)) for s in levels)
     return f"OME-Zarr label image with {len(levels)} more level{'s' * (len(levels) > 1)} ({p.workflow.output.downsampling} of 2 x 2): {shapes}"
+
+
+def _geotiff_line(p: Prepared) -> str:
+    geo = p.pixel_grid.georeference
+    where = f"georeferenced as the input, {geo.crs or 'its CRS'}" if geo else "not georeferenced: the input has no GeoTIFF tags"
+    overviews = f"{len(p.pyramid)} overviews (the pyramid)" if p.pyramid else "no overviews (output.pyramid: false)"
+    return f"tiled, deflate, {overviews}; {where}"
 
 
 def _tile_reason(p: Prepared) -> str:

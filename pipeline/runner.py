@@ -24,6 +24,7 @@ from .evaluation import LabelPair
 from .execution import BlockCounts, build_pyramid, execute_blocks, one_line
 from .inference import InferenceSpec, measure_batch_size
 from .io import fs
+from .io.geotiff import geotiff_path, write_geotiff
 from .io.images import ImageSpec, pinned_version
 from .io.labels import (
     check_run,
@@ -295,6 +296,13 @@ def _run_connected(
             conn, wf.output.path, run_id, int(pyramid["levels"]), pyramid["downsampling"], storage_rules(wf)
         )
         print(f"pyramid    {pyramid['levels']} more levels written ({pyramid['downsampling']})", file=out, flush=True)
+    if wf.output.geotiff:
+        t = time.perf_counter()
+        target = geotiff_path(wf.output.path)
+        with fs.storage_errors("output.geotiff", target, "write"):
+            write_geotiff(wf.output.path, 1 + int(pyramid.get("levels") or 0), prepared.pixel_grid.georeference, target)
+        timings["geotiff"] = time.perf_counter() - t
+        print(f"geotiff    {fs.redact(target)}", file=out, flush=True)
     computed_pixels = execution.computed_pixels  # by the model: skipped blocks are not in the rate
     state.tiles = plan.n_tiles - resumed_tiles
     state.megapixels_per_second = round(computed_pixels / execution.seconds / 1e6, 4) if execution.seconds else None

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -459,6 +460,31 @@ def put_bytes(path: str, data: bytes) -> None:
     _check_writable_protocol(path)
     fs, inner = filesystem(path)
     fs.pipe_file(inner, data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[str]:
+    """A local file to write whole; on success it becomes ``path`` (renamed into place, or
+    uploaded to a store), so a reader never sees it half-written. On failure it is removed."""
+    path = os.fspath(path)
+    if is_local(path):
+        final = Path(local_path(path))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    else:
+        _check_writable_protocol(path)
+        handle, local = tempfile.mkstemp(suffix=f"-{name(path)}")
+        os.close(handle)
+        tmp = Path(local)
+    try:
+        yield str(tmp)
+        if is_local(path):
+            tmp.replace(final)
+        else:
+            fs, inner = filesystem(path)
+            fs.put_file(str(tmp), inner)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def remove_file(path: str) -> None:

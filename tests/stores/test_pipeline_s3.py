@@ -309,3 +309,26 @@ def test_a_region_of_a_tiff_in_a_store_is_read_with_ranged_requests_not_download
         assert got < size / 4, (got, size, [(r.range_start, r.sent) for r in proxy.requests])  # the header, the offsets and the 4 tiles, not the file
     finally:
         remove_bucket(moto_s3, bucket)
+
+
+def test_a_geotiff_export_and_the_pyramid_land_in_the_store_whole(tmp_path, moto_s3: S3Server) -> None:
+    bucket = new_bucket(moto_s3)
+    try:
+        _upload_image(moto_s3, bucket, tmp_path)
+        proc = _run("run", _box_workflow(tmp_path, moto_s3, bucket, geotiff=True))
+        assert proc.returncode == 0, proc.stderr
+        fs = moto_s3.filesystem()
+        store = zarr.storage.FsspecStore.from_url(
+            f"s3://{bucket}/out/labels.zarr", storage_options=moto_s3.storage_options(), read_only=True
+        )
+        volume = zarr.open_group(store, mode="r")
+        levels = [volume[d["path"]][:] for d in volume.attrs["ome"]["multiscales"][0]["datasets"]]
+        assert len(levels) > 1 and levels[1].shape == tuple(-(-n // 2) for n in levels[0].shape)
+        fs.get_file(f"{bucket}/out/labels.tif", str(tmp_path / "labels.tif"))
+        with tifffile.TiffFile(tmp_path / "labels.tif") as tif:
+            assert [p.asarray().tolist() for p in tif.pages] == [level.tolist() for level in levels]
+        assert sorted(k for k in _objects(moto_s3, f"{bucket}/out") if not k.startswith("labels.zarr/")) == [
+            "labels.run.json", "labels.tif",
+        ]  # fmt: skip
+    finally:
+        remove_bucket(moto_s3, bucket)
