@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 # OME-NGFF space units (UDUNITS-2 names) by the spellings OME-XML and GeoTIFF use.
 _UNITS = {
     "Å": "angstrom", "nm": "nanometer", "µm": "micrometer", "um": "micrometer", "mm": "millimeter",
@@ -129,3 +131,50 @@ def describe_grid(grid: PixelGrid) -> str:
     if grid.georeference is not None:
         where += f", {grid.georeference.crs or 'CRS without an EPSG code'}"
     return f"{sizes} {unit} ({where}), carried into the labels' metadata"
+
+
+def pixel_centres(
+    grid: PixelGrid, shape: tuple[int, ...], factor: int = 1, offset: float = 0.0
+) -> tuple[dict[str, np.ndarray], Affine | None]:
+    """Coordinates of the pixel centres along each spatial axis (``z``, ``y``, ``x``), and the
+    affine transform of this grid (None without a north-up georeference).
+
+    ``factor`` and ``offset``: a pyramid level whose pixel spans ``factor`` full-resolution
+    pixels (along y and x) and whose pixel 0 sits ``offset`` full-resolution pixels in
+    (:func:`pipeline.downsample.level_offset`). A north-up georeferenced grid gives map
+    coordinates, as rioxarray names them (``x`` easting/longitude, ``y`` northing/latitude);
+    otherwise ``index x size`` in the grid's unit, as OME-NGFF places pixels."""
+    names = "zyx"[-len(shape) :]
+    lead = len(shape) - 2
+    geo = grid.georeference
+    if geo is not None and geo.transform[1] == 0 and geo.transform[3] == 0:
+        a, _, c, _, e, f = geo.transform
+        columns = offset + factor * np.arange(shape[-1]) + 0.5
+        rows = offset + factor * np.arange(shape[-2]) + 0.5
+        found = {n: np.arange(s) * grid.scale[i] for i, (n, s) in enumerate(zip(names[:lead], shape[:lead]))}
+        found["y"], found["x"] = f + e * rows, c + a * columns
+        corner = offset + 0.5 - factor * 0.5  # full-resolution pixels from the input's corner
+        return found, (a * factor, 0.0, c + a * corner, 0.0, e * factor, f + e * corner)
+    found = {}
+    for i, (name, size) in enumerate(zip(names, shape)):
+        step, start = (factor, offset) if i >= lead else (1, 0.0)
+        found[name] = (start + step * np.arange(size)) * grid.scale[i]
+    return found, None
+
+
+def grid_from_record(record: dict[str, Any] | None, ndim: int) -> PixelGrid:
+    """The :class:`PixelGrid` a label volume's record states (``PixelGrid.as_dict``); unknown
+    for a volume written before records held one."""
+    if not isinstance(record, dict) or len(record.get("scale", [])) != ndim:
+        return PixelGrid.unknown(ndim)
+    geo = record.get("georeference")
+    georeference = None
+    if isinstance(geo, dict) and len(geo.get("transform", [])) == 6:
+        a, b, c, d, e, f = (float(v) for v in geo["transform"])
+        georeference = Georeference(geo.get("crs"), (a, b, c, d, e, f), geo.get("citation"))
+    return PixelGrid(
+        tuple(float(s) for s in record["scale"]),
+        tuple(record.get("units") or (None,) * ndim),
+        str(record.get("source", "none")),
+        georeference,
+    )

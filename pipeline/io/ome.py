@@ -27,7 +27,7 @@ from ..coordinates import PixelGrid, level_transformations
 from ..downsample import FACTOR, Downsampling, downsample, level_offset, level_scale
 from ..geometry import Box
 from . import fs
-from .labels import check_chunk_aligned, check_run, open_for_write
+from .labels import check_chunk_aligned, check_run, open_for_write, open_label_volume
 
 NGFF_VERSION = "0.5"
 # Distinct colours for the first classes (RGB), then hues around the circle by the golden angle.
@@ -91,6 +91,20 @@ def label_group_attributes(
         "metadata": {"method": "pipeline.downsample", "description": f"{downsampling} of 2 x 2 windows (y, x) per level"},
     }
     return {"version": NGFF_VERSION, "multiscales": [multiscale], "image-label": image_label}
+
+
+def open_level(path: str, level: int) -> tuple[zarr.Array, dict[str, Any]]:
+    """Pyramid ``level`` of the complete label volume at ``path``, and the group's attributes."""
+    open_label_volume(path)  # refuses an unfinished volume, or one this pipeline did not write
+    group = zarr.open_group(store=fs.zarr_store(path, read_only=True), mode="r")
+    attributes: dict[str, Any] = dict(group.attrs)
+    datasets = attributes.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [{"path": "0"}])
+    if not 0 <= level < len(datasets):
+        raise ValueError(f"{fs.redact(path)}: level {level}; the volume has levels 0 to {len(datasets) - 1}")
+    array = group[datasets[level]["path"]]
+    if not isinstance(array, zarr.Array):
+        raise ValueError(f"{fs.redact(path)}: level {level} is not an array")
+    return array, attributes
 
 
 def level_chunk_indices(path: str, level: int) -> list[tuple[int, ...]]:
