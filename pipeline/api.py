@@ -22,7 +22,7 @@ import dask.array as da
 import xarray as xr
 
 from .config import load_workflow, parse_workflow
-from .coordinates import Affine, PixelGrid, grid_from_record, pixel_centres
+from .coordinates import Affine, Georeference, PixelGrid, grid_from_record, pixel_centres
 from .downsample import level_offset, level_scale
 from .io import fs
 from .io.coordinates import read_pixel_grid
@@ -103,11 +103,8 @@ def _data_array(
             array.coords[axis].attrs["units"] = unit
     geo = grid.georeference
     if geo is not None and transform is not None:
-        a, b, c, d, e, f = transform
-        array = array.assign_coords(
-            spatial_ref=xr.Variable(
-                (), 0, {"spatial_ref": geo.crs or "", "crs": geo.crs or "", "GeoTransform": f"{c!r} {a!r} {b!r} {f!r} {d!r} {e!r}"}
-            )
-        )
+        stated = Georeference(geo.crs, transform).as_dict()  # this grid's transform (a level's is coarser)
+        attrs = {"spatial_ref": geo.crs or "", "crs": geo.crs or "", "GeoTransform": stated["GeoTransform"]}
+        array = array.assign_coords(spatial_ref=xr.Variable((), 0, attrs))
     array.attrs["pixel_size_source"] = grid.source
     return array
