@@ -3,6 +3,7 @@
     import pipeline
     image = pipeline.open_image("slide.tif")            # dims (c, y, x), nothing read yet
     labels = pipeline.run("workflow.yaml")               # or a dict; the labels, as open_labels
+    by_name = pipeline.run("tiles.yaml")                 # input.path a glob: {name: labels}
     labels = pipeline.open_labels("out/slide.zarr", level=2)
 
 Coordinates are pixel centres: map coordinates for a georeferenced input (``x``, ``y`` and a
@@ -14,6 +15,7 @@ coordinate's attributes). Pixels are read only when the array is computed, regio
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import xarray as xr
 from .config import load_workflow, parse_workflow
 from .coordinates import Affine, Georeference, PixelGrid, grid_from_record, pixel_centres
 from .downsample import level_offset, level_scale
+from .image_set import expand_images
 from .io import fs
 from .io.coordinates import read_pixel_grid
 from .io.images import ImageSpec, as_dask_array
@@ -31,6 +34,7 @@ from .io.images import open_image as open_reader
 from .io.ome import open_level
 from .planning import run_json_path
 from .runner import run as run_workflow
+from .runner import run_set
 
 
 def open_image(
@@ -74,18 +78,29 @@ def open_labels(
 
 def run(
     workflow: str | Path | Mapping[str, Any], *, resume: bool = False, show_progress: bool = True
-) -> xr.DataArray:
+) -> xr.DataArray | dict[str, xr.DataArray]:
     """Run a workflow (a file's path or URL, or the mapping a file would hold; a mapping's
     relative paths are relative to the working directory) and return its labels as
-    :func:`open_labels` does. Raises the pipeline's errors (:mod:`pipeline.errors`) as
-    ``pipeline run`` reports them; ``show_progress`` False prints nothing."""
+    :func:`open_labels` does; for a workflow over several images, ``{name: labels}`` in
+    name order. Raises the pipeline's errors (:mod:`pipeline.errors`) as ``pipeline run``
+    reports them; ``show_progress`` False prints nothing."""
     wf = parse_workflow(dict(workflow)) if isinstance(workflow, Mapping) else load_workflow(workflow)
     sink = None if show_progress else io.StringIO()
-    result = run_workflow(wf, out=sink, err=sink, resume=resume)
-    labels = open_labels(result.output_path)
-    labels.attrs["run_json"] = run_json_path(wf)
-    labels.attrs["evaluation_json"] = result.report_path
-    return labels
+    images = expand_images(wf)
+    if images is None:
+        result = run_workflow(wf, out=sink, err=sink, resume=resume)
+        labels = open_labels(result.output_path)
+        labels.attrs["run_json"] = run_json_path(wf)
+        labels.attrs["evaluation_json"] = result.report_path
+        return labels
+    done = run_set(images, sink or sys.stdout, sink or sys.stderr, resume=resume)
+    found = {}
+    for item in images.images:
+        labels = open_labels(item.workflow.output.path)
+        labels.attrs["run_json"] = run_json_path(item.workflow)
+        labels.attrs["evaluation_json"] = done.result.report_path  # the set's: per image and pooled
+        found[item.name] = labels
+    return found
 
 
 def _data_array(

@@ -68,9 +68,21 @@ def _main(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from .config import load_workflow
+    from .image_set import expand_images, prepare_set
     from .planning import prepare
 
-    prepared = prepare(load_workflow(args.workflow))
+    workflow = load_workflow(args.workflow)
+    images = expand_images(workflow)
+    if images is not None:
+        every = prepare_set(images)
+        print(
+            f"{args.workflow}: valid: {len(every)} images, {every[0].model.geometry.name}, "
+            f"{sum(p.plan.n_tiles for p in every)} tiles in {sum(p.plan.n_blocks for p in every)} blocks"
+        )
+        for note in sorted({n for p in every for n in p.notes}):
+            print(f"note: {note}")
+        return 0
+    prepared = prepare(workflow)
     plan = prepared.plan
     print(
         f"{args.workflow}: valid: {prepared.image.shape} image, {prepared.model.geometry.name}, "
@@ -83,9 +95,15 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from .config import load_workflow
+    from .image_set import describe_set, expand_images, prepare_set
     from .planning import describe_plan, prepare
 
-    print(describe_plan(prepare(load_workflow(args.workflow))))
+    workflow = load_workflow(args.workflow)
+    images = expand_images(workflow)
+    if images is not None:
+        print(describe_set(images, prepare_set(images)))
+    else:
+        print(describe_plan(prepare(workflow)))
     return 0
 
 

@@ -72,6 +72,21 @@ def _path(value: object) -> str:
     raise ValueError("a file path or URL (a non-empty string)")
 
 
+def _paths(value: object) -> str | tuple[str, ...]:
+    """One path (a file, a zarr, a folder of images, a glob) or a non-empty list of paths."""
+    if isinstance(value, (list, tuple)) and value:
+        try:
+            return tuple(_path(v) for v in value)
+        except ValueError:
+            pass
+    elif not isinstance(value, (list, tuple)):
+        try:
+            return _path(value)
+        except ValueError:
+            pass
+    raise ValueError("a file path or URL, a folder or glob of images, or a non-empty list of paths")
+
+
 def _storage_options(value: object) -> dict[str, Any]:
     """fsspec storage options: a mapping of option names to JSON values (kept as given)."""
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
@@ -143,6 +158,7 @@ _TupleAsList = PlainSerializer(lambda v: list(v) if isinstance(v, tuple) else v,
 FloatOrList = Annotated[float | tuple[float, ...], PlainValidator(_float_or_list), _TupleAsList]
 FiniteFloat = Annotated[float, PlainValidator(_finite)]
 PathStr = Annotated[str, PlainValidator(_path)]
+PathsStr = Annotated[str | tuple[str, ...], PlainValidator(_paths), _TupleAsList]
 StorageOptions = Annotated[dict[str, Any], PlainValidator(_storage_options)]
 _STORAGE_DOC = "fsspec options for this section's paths, over the top-level storage_options"
 
@@ -152,7 +168,10 @@ class Section(BaseModel):
 
 
 class InputConfig(Section):
-    path: PathStr = Field(description="TIFF/BigTIFF (tiled or stripped) or zarr array")
+    path: PathsStr = Field(
+        description="TIFF/BigTIFF (tiled or stripped), zarr / OME-Zarr, PNG/JPEG; or several images: "
+        "a list, a glob or a folder (one label volume each, see output.path)"
+    )
     channel_axis: int | None = Field(
         default=None, description="index of the channel axis of a multi-channel image"
     )
@@ -167,6 +186,13 @@ class InputConfig(Section):
     )
     fill_value: FiniteFloat = Field(default=0.0, description="what non_finite: fill puts in their place")
     storage_options: StorageOptions = Field(default_factory=dict, description=_STORAGE_DOC)
+
+    @property
+    def image_path(self) -> str:
+        """The one image of a single-image workflow (a set is expanded first: pipeline.image_set)."""
+        if not isinstance(self.path, str):
+            raise TypeError("input.path names several images: expand the workflow first")
+        return self.path
 
 
 class NormalizeConfig(Section):
@@ -369,7 +395,10 @@ class ClassConfig(Section):
 
 
 class OutputConfig(Section):
-    path: PathStr
+    path: PathStr = Field(
+        description="the label volume (out/slide.zarr); for several images a folder (one <name>.zarr "
+        "each) or a template with {name} (out/{name}_labels.zarr)"
+    )
     overwrite: bool = False
     storage_options: StorageOptions = Field(default_factory=dict, description=_STORAGE_DOC)
     chunk: int | None = Field(
@@ -672,9 +701,12 @@ def parse_workflow(raw: object, source: str | Path = "<memory>") -> Workflow:
 
 def _resolve_paths(wf: Workflow, base: str, source: str) -> Workflow:
     def fix(section: BaseModel | None, key: str) -> BaseModel | None:
-        if section is None or getattr(section, key, None) is None:
+        value = None if section is None else getattr(section, key, None)
+        if section is None or value is None:
             return section
-        return section.model_copy(update={key: resolve_path(getattr(section, key), base)})
+        if isinstance(value, tuple):
+            return section.model_copy(update={key: tuple(resolve_path(v, base) for v in value)})
+        return section.model_copy(update={key: resolve_path(value, base)})
 
     resolved = wf.model_copy(
         update={

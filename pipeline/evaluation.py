@@ -7,15 +7,15 @@ one whole-image computation. With ``region`` set, chunks are the grid cells of a
 per-region breakdown and their matrices are kept; with ``per_slice``, a label volume
 ``(z, y, x)`` is chunked one z-slice at a time for a per-slice breakdown.
 
-Several images (folders or globs) are paired by their path relative to the folder (or the
-glob's fixed prefix) without the suffix: ``pred/a/x.tif`` pairs with ``truth/a/x.png``.
+Several images (folders or globs) are paired by name (:mod:`pipeline.io.listing`): the
+path below a folder, or the parts a glob's wildcards match, without the suffix:
+``pred/a/x.tif`` pairs with ``truth/a/x.png``, ``out/*.zarr`` with ``tiles/*/masks/*.png``
+when the names agree.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
-from pathlib import PurePosixPath
 
 import dask
 import dask.array as da
@@ -24,13 +24,10 @@ import numpy as np
 from .encodings import EncodingError, LabelEncoding, decode
 from .errors import EvaluationError
 from .io import fs
-from .io.fs import storage_errors
-from .io.images import PILLOW_SUFFIXES, TIFF_SUFFIXES, ImageSpec, as_dask_array
+from .io.images import ImageSpec, as_dask_array
 from .io.labels import is_label_volume, open_label_volume
+from .io.listing import list_images
 from .metrics import AbsentPolicy, ClassIdError, confusion_matrix
-
-IMAGE_SUFFIXES = TIFF_SUFFIXES + PILLOW_SUFFIXES + (".zarr",)
-ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup")
 
 
 @dataclass(frozen=True)
@@ -233,11 +230,14 @@ def _check_shapes(a: tuple[int, ...], b: tuple[int, ...], names: tuple[str, str]
 def pair_paths(
     prediction: str, truth: str, ignore_mask: str | None = None, channel_axis_of: dict | None = None
 ) -> list[LabelPair]:
-    """Pair single files, folders or globs of label images by relative path without suffix."""
+    """Pair single files, folders or globs of label images by name (:mod:`pipeline.io.listing`)."""
     channel_axis_of = channel_axis_of or {}
-    sides = {"prediction": _listing(prediction, "prediction"), "ground truth": _listing(truth, "ground truth")}
+    sides = {
+        "prediction": list_images(prediction, "prediction", EvaluationError),
+        "ground truth": list_images(truth, "ground truth", EvaluationError),
+    }
     if ignore_mask is not None:
-        sides["ignore mask"] = _listing(ignore_mask, "ignore mask")
+        sides["ignore mask"] = list_images(ignore_mask, "ignore mask", EvaluationError)
     if all(len(files) == 1 for files in sides.values()):
         keys = {side: next(iter(files)) for side, files in sides.items()}
         sides = {side: {"": files[keys[side]]} for side, files in sides.items()}
@@ -248,7 +248,8 @@ def pair_paths(
             extra = sorted(set(files) - names)[:5]
             raise EvaluationError(
                 f"{side}: cannot pair the images with the ground truth: missing {missing}, "
-                f"unmatched {extra} (pairs match by relative path without suffix)"
+                f"unmatched {extra} (pairs match by name: the path parts a glob's wildcards match, or "
+                f"the path below a folder, without suffix)"
             )
     def spec(side: str, name: str) -> ImageSpec:
         return ImageSpec(sides[side][name], channel_axis_of.get(side), side)
@@ -264,56 +265,3 @@ def pair_paths(
     ]
 
 
-def _listing(pattern: str, side: str) -> dict[str, str]:
-    """``{key: path}`` of the label images a path, folder or glob names (local or in a store)."""
-    with storage_errors(side, pattern):
-        if any(ch in pattern for ch in "*?["):
-            prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
-            base = prefix.rstrip("/") if prefix.endswith("/") or fs.is_dir(prefix) else fs.parent(prefix)
-            files = fs.glob(pattern)
-        elif fs.is_dir(pattern) and not _is_zarr(pattern):
-            base = pattern
-            files = _images_under(pattern)
-        elif fs.exists(pattern):
-            return {fs.stem(pattern): pattern}
-        else:
-            raise EvaluationError(f"{side}: not found: {fs.redact(pattern)}")
-    files = [p for p in files if fs.suffix(p).lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise EvaluationError(f"{side}: no label images in {fs.redact(pattern)}")
-    listing: dict[str, str] = {}
-    for p in files:
-        rel = PurePosixPath(_relative(p, base))
-        key = str(rel.with_suffix(""))
-        if key in listing:
-            raise EvaluationError(f"{side}: {fs.redact(listing[key])} and {fs.redact(p)} have the same name; keep one")
-        listing[key] = p
-    return listing
-
-
-def _relative(path: str, base: str) -> str:
-    path, base = path.replace("\\", "/"), base.replace("\\", "/").rstrip("/")
-    return path[len(base) + 1 :] if path.startswith(base + "/") else fs.name(path)
-
-
-def _images_under(root: str) -> list[str]:
-    """Image files under ``root``, and zarr folders (not the files inside them)."""
-    keys = [_relative(f, root) for f in fs.files_under(root)]
-    zarr_roots = set()
-    for key in keys:
-        parts = key.split("/")
-        for depth in range(1, len(parts)):
-            folder = "/".join(parts[:depth])
-            if folder.lower().endswith(".zarr") or parts[depth] in ZARR_METADATA and depth == len(parts) - 1:
-                zarr_roots.add(folder)
-                break
-    found = set()
-    for key in keys:
-        parts = key.split("/")
-        inside = next(("/".join(parts[:d]) for d in range(1, len(parts)) if "/".join(parts[:d]) in zarr_roots), None)
-        found.add(inside if inside is not None else key)
-    return sorted(fs.join(root, *key.split("/")) for key in found)
-
-
-def _is_zarr(path: str) -> bool:
-    return any(fs.is_file(fs.join(path, name)) for name in ZARR_METADATA)

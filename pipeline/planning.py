@@ -25,6 +25,7 @@ from .io.coordinates import read_pixel_grid
 from .io.geotiff import geotiff_path
 from .io.images import ImageReader, ImageSpec, open_image
 from .io.labels import check_output_free, is_label_volume, label_dtype, recorded_run
+from .io.listing import fixed_folder
 from .io.locations import check_not_an_input, check_writable
 from .io.locks import check_unlocked, store_lock_path
 from .models.loading import LoadedModel, check_declared_halo, load_model, needs_halo_probe
@@ -89,7 +90,7 @@ class Prepared:
 
 def input_spec(wf: Workflow) -> ImageSpec:
     return ImageSpec(
-        wf.input.path, wf.input.channel_axis, "input.path", wf.input.channels, series=wf.input.series
+        wf.input.image_path, wf.input.channel_axis, "input.path", wf.input.channels, series=wf.input.series
     )
 
 
@@ -127,20 +128,21 @@ def evaluation_spec(cfg: EvaluationConfig, num_classes: int) -> EvaluationSpec:
 def storage_rules(wf: Workflow) -> fs.StorageRules:
     """Storage options of every path the workflow names: the top-level default, then each section's."""
     out = wf.output.storage_options
-    per_path: dict[str, dict[str, Any] | None] = {
-        wf.input.path: wf.input.storage_options,
-        wf.output.path: out,
+    inputs = wf.input.path if isinstance(wf.input.path, tuple) else (wf.input.path,)
+    per_path: dict[str, dict[str, Any] | None] = {fixed_folder(p): wf.input.storage_options for p in inputs}
+    per_path.update({
+        fixed_folder(wf.output.path): out,
         **{report: out for report in report_files(wf)},
         store_lock_path(wf.output.path): out,
-    }
+    })  # fmt: skip
     if wf.model.path is not None:  # a bioimage.io description reads its weights from beside it
         model_files = fs.parent(wf.model.path) if wf.model.arch == "bioimageio" else wf.model.path
         per_path[model_files] = wf.model.storage_options
     ev = wf.evaluation
     if ev is not None:
-        per_path[ev.ground_truth] = ev.storage_options
+        per_path[fixed_folder(ev.ground_truth)] = ev.storage_options
         if ev.ignore_mask is not None:
-            per_path[ev.ignore_mask] = ev.storage_options
+            per_path[fixed_folder(ev.ignore_mask)] = ev.storage_options
     skip = wf.tiling.skip
     if skip is not None and skip.mask is not None:
         per_path[skip.mask] = skip.storage_options
@@ -182,7 +184,7 @@ def protected_inputs(wf: Workflow) -> dict[str, str | None]:
     """Every file a run reads, by field: no output may be, hold or lie inside one."""
     ev = wf.evaluation
     return {
-        "input.path": wf.input.path,
+        "input.path": wf.input.image_path,
         "model.path": wf.model.path,
         "evaluation.ground_truth": ev.ground_truth if ev else None,
         "evaluation.ignore_mask": ev.ignore_mask if ev else None,
@@ -207,7 +209,7 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
     cfg = wf.model
     if image.channels != cfg.in_channels:
         raise PipelineError(
-            f"model.in_channels: {cfg.in_channels}, but {fs.redact(wf.input.path)} has {image.channels} "
+            f"model.in_channels: {cfg.in_channels}, but {fs.redact(wf.input.image_path)} has {image.channels} "
             f"channel{'s' if image.channels > 1 else ''}"
             + (" (set input.channel_axis for a multi-channel image)" if image.channels == 1 else "")
         )
@@ -243,7 +245,7 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
     segment = int(np.prod(image.chunks)) * image.channels * image.dtype.itemsize
     if segment > SEGMENT_NOTE_BYTES:
         notes.append(
-            f"{fs.redact(wf.input.path)} is stored in compressed segments of {format_bytes(segment)} "
+            f"{fs.redact(wf.input.image_path)} is stored in compressed segments of {format_bytes(segment)} "
             f"({' x '.join(map(str, image.chunks))} px): every read decodes whole segments; "
             f"a tiled TIFF (e.g. tifffile.imwrite(..., tile=(512, 512))) or zarr reads faster"
         )
@@ -289,7 +291,7 @@ def _check_truth(wf: Workflow, image: ImageReader) -> ImageReader:
     if truth.shape != image.shape:
         raise EvaluationError(
             f"evaluation.ground_truth: {fs.redact(ev.ground_truth)} has shape {truth.shape}, "
-            f"but the image {fs.redact(wf.input.path)} has spatial shape {image.shape}; expected the same"
+            f"but the image {fs.redact(wf.input.image_path)} has spatial shape {image.shape}; expected the same"
         )
     expected_channels = 3 if ev.encoding == "palette" else 1
     if truth.channels != expected_channels:
@@ -351,8 +353,9 @@ def replan(p: Prepared, batch_size: int) -> Prepared:
     return replace(p, plan=plan, tile_choice=choice, memory=memory)
 
 
-def describe_plan(p: Prepared) -> str:
-    """The plan as a person reads it: sizes, halo, borders, tasks, memory."""
+def describe_plan(p: Prepared, evaluation: bool = True) -> str:
+    """The plan as a person reads it: sizes, halo, borders, tasks, memory (and where the
+    evaluation goes, unless ``evaluation`` is False: a set evaluates its images together)."""
     wf, plan, geo, img = p.workflow, p.plan, p.model.geometry, p.image
     shape = " x ".join(map(str, img.shape))
     read = " x ".join(map(str, plan.read_shape))
@@ -371,7 +374,7 @@ def describe_plan(p: Prepared) -> str:
         for ext, n in zip(plan.tile_extents, img.shape)
     ]
     lines = [
-        f"image      {fs.redact(wf.input.path)}",
+        f"image      {fs.redact(wf.input.image_path)}",
         f"           {shape} px, {img.channels} channel{'s' * (img.channels > 1)}, {img.dtype}, "
         f"stored in chunks of {' x '.join(map(str, img.chunks))}",
         f"model      {p.model.identity['arch']} {_params(p.model.identity['params'])}",
@@ -399,7 +402,7 @@ def describe_plan(p: Prepared) -> str:
     ]
     if wf.output.geotiff:
         lines.append(f"geotiff    {fs.redact(geotiff_path(wf.output.path))} ({_geotiff_line(p)})")
-    if wf.evaluation is not None:
+    if wf.evaluation is not None and evaluation:
         lines.append(f"evaluation {fs.redact(wf.evaluation.ground_truth)} ({wf.evaluation.encoding}) -> {fs.redact(p.report_path or '')}")
     if p.skip is not None:
         lines.append(f"skip       {p.skip.describe(plan.n_blocks)}")

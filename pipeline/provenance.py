@@ -109,7 +109,7 @@ def run_fingerprints(wf: Workflow, model_identity: dict[str, Any], plan: TilePla
 def _fingerprints(wf: Workflow, model_identity: dict[str, Any], plan: TilePlan) -> dict[str, Any]:
     return {
         "pipeline_version": __version__,
-        "input": fs.fingerprint(wf.input.path),
+        "input": fs.fingerprint(wf.input.image_path),
         "model_weights": model_identity.get("weights", {}).get("sha256", "built in"),
         "workflow": label_fields(wf),
         "plan": {

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 from . import __version__
@@ -22,16 +22,20 @@ from .config import NormalizeConfig, Workflow
 from .errors import ExecutionError, PipelineError, ResumeRefusedError, RunInterrupted
 from .evaluation import LabelPair
 from .execution import BlockCounts, build_pyramid, execute_blocks, one_line
+from .image_set import SET_KIND, ImageSet, check_set_files, describe_set, expand_images, prepare_set
 from .inference import InferenceSpec, measure_batch_size
 from .io import fs
 from .io.geotiff import geotiff_path, write_geotiff
 from .io.images import ImageSpec, pinned_version
 from .io.labels import (
+    changed_fingerprints,
     check_run,
     create_label_volume,
+    is_complete,
     is_label_volume,
     mark_complete,
     record_reports,
+    recorded_run,
     resume_label_volume,
 )
 from .io.locks import output_lock
@@ -113,23 +117,57 @@ def run(
     """Run the workflow end to end; prints the plan, progress, output and report paths.
 
     ``resume``: if the output holds an interrupted run of the same input, model and
-    label-deciding settings, compute only its missing blocks (else start as usual).
+    label-deciding settings, compute only its missing blocks (else start as usual). A
+    workflow over several images (:mod:`pipeline.image_set`) runs them one after another
+    on one cluster: see :func:`run_set`.
     """
     out, err = out or sys.stdout, err or sys.stderr
+    images = expand_images(wf)
+    if images is not None:
+        return run_set(images, out, err, resume=resume, performance_report=performance_report).result
     started = time.perf_counter()
-    timings: dict[str, float] = {}
     prepared = prepare(wf, resume=resume)
-    timings["plan"] = time.perf_counter() - started
+    plan_seconds = time.perf_counter() - started
     print(describe_plan(prepared), file=out, flush=True)
+    with _named_in(wf), connect(wf.cluster, wf.inference.device) as conn:
+        _say_connected(conn, wf, out)
+        scores, state = _run_image(
+            wf, prepared, conn, _Options(resume, performance_report, True), out, err, started, plan_seconds
+        )
+    total = time.perf_counter() - started
+    print(f"run        {fs.redact(run_json_path(wf))}", file=out)
+    print(f"done in {format_seconds(total)}", file=out, flush=True)
+    report_path = str(ReportFiles.beside(wf.output.path).json) if scores is not None else None
+    return RunResult(wf.output.path, report_path, scores, total, state.blocks)
+
+
+@dataclass
+class _Options:
+    """How each image of a run runs; ``measured`` keeps what one image measured for the next."""
+
+    resume: bool
+    performance_report: str | None
+    evaluate: bool  # the image's own evaluation (a set evaluates its images together)
+    measured: dict[Any, Any] = field(default_factory=dict)
+
+
+def _run_image(
+    wf: Workflow,
+    prepared: Prepared,
+    conn: Connection,
+    options: _Options,
+    out: TextIO,
+    err: TextIO,
+    started: float,
+    plan_seconds: float,
+) -> tuple[Scores | None, RunState]:
+    """One image on a connected cluster, under its output's lock; ``run.json`` whatever happens."""
+    timings: dict[str, float] = {"plan": plan_seconds}
     state = RunState(timings=timings)
-    scores = None
     reports = report_files(wf)
-    with ExitStack() as stack:
-        stack.enter_context(_named_in(wf))
-        stack.enter_context(output_lock(wf.output.path))
-        conn = stack.enter_context(connect(wf.cluster, wf.inference.device))
+    with output_lock(wf.output.path):
         try:
-            scores = _run_connected(wf, prepared, conn, state, reports, resume, performance_report, out, err)
+            scores = _run_connected(wf, prepared, conn, state, reports, options, out, err)
         except (KeyboardInterrupt, RunInterrupted) as exc:
             state.status = "interrupted"
             signal_name = exc.signal_name if isinstance(exc, RunInterrupted) else "SIGINT"
@@ -151,11 +189,162 @@ def run(
             timings["total"] = time.perf_counter() - started
             if state.run_id is not None:
                 _write_run_json(wf, prepared, state, reports)
+    return scores, state
+
+
+@dataclass(frozen=True)
+class SetResult:
+    """A run over several images: the set as a whole (its folder, pooled report) and each image."""
+
+    result: RunResult
+    images: dict[str, RunResult]
+
+
+def run_set(
+    images: ImageSet, out: TextIO, err: TextIO, *, resume: bool = False, performance_report: str | None = None
+) -> SetResult:
+    """Each image of the set as a single-image run would do it, one after another on one
+    cluster; then the pooled evaluation of all of them, and ``<folder>/run.json``.
+
+    Every image is checked before any is written. ``resume`` keeps the complete volumes
+    of an earlier run of the same set (same fingerprints), resumes an interrupted one and
+    runs the rest.
+    """
+    started = time.perf_counter()
+    wf = images.workflow
+    prepared = prepare_set(images, resume)
+    check_set_files(images, resume)
+    plan_seconds = time.perf_counter() - started
+    print(describe_set(images, prepared), file=out, flush=True)
+    options = _Options(resume, None, False)
+    entries: dict[str, dict[str, Any]] = {item.name: {"status": "pending"} for item in images.images}
+    results: dict[str, RunResult] = {}
+    record: dict[str, Any] = {"status": "running", "images": entries}
+    scores = None
+    with ExitStack() as stack:
+        stack.enter_context(_named_in(wf))
+        conn = stack.enter_context(connect(wf.cluster, wf.inference.device))
+        _say_connected(conn, wf, out)
+        if performance_report:
+            from distributed import performance_report as dask_report
+
+            stack.enter_context(dask_report(filename=performance_report))
+        try:
+            for number, (item, p) in enumerate(zip(images.images, prepared, strict=True), 1):
+                one = item.workflow
+                entry = entries[item.name]
+                entry.update(input=fs.redact(one.input.image_path), output=fs.redact(one.output.path))
+                shape = " x ".join(map(str, p.image.shape))
+                print(
+                    f"image      {number} of {len(prepared)}: {item.name} ({shape} px) -> {fs.redact(one.output.path)}",
+                    file=out,
+                    flush=True,
+                )
+                t = time.perf_counter()
+                if resume and _complete_and_unchanged(one, p):
+                    entry["status"] = "kept"
+                    print("           complete from an earlier run of this set: kept", file=out, flush=True)
+                    results[item.name] = RunResult(one.output.path, None, None, 0.0)
+                    continue
+                entry["status"] = "running"
+                _, state = _run_image(one, p, conn, options, out, err, t, plan_seconds if number == 1 else 0.0)
+                seconds = time.perf_counter() - t
+                entry.update(
+                    status=state.status, seconds=round(seconds, 3), run=fs.redact(run_json_path(one)),
+                    megapixels_per_second=state.megapixels_per_second,
+                    blocks=state.blocks.as_dict() if state.blocks else None,
+                )  # fmt: skip
+                results[item.name] = RunResult(one.output.path, None, None, seconds, state.blocks)
+            if wf.evaluation is not None:
+                scores = _evaluate_set(images, prepared, out)
+            record["status"] = "complete"
+        except (KeyboardInterrupt, RunInterrupted):
+            record["status"] = "interrupted"
+            _mark_current(entries, "interrupted")
+            raise
+        except BaseException as exc:
+            record["status"] = "failed"
+            record["error"] = fs.redact(str(exc).splitlines()[0]) if isinstance(exc, PipelineError) else type(exc).__name__
+            _mark_current(entries, "failed")
+            raise
+        finally:
+            record["seconds"] = round(time.perf_counter() - started, 3)
+            _write_set_record(images, record, scores)
     total = time.perf_counter() - started
-    print(f"run        {fs.redact(run_json_path(wf))}", file=out)
+    kept = sum(1 for e in entries.values() if e["status"] == "kept")
+    print(
+        f"images     {len(entries)} complete" + (f" ({kept} kept from an earlier run)" if kept else "")
+        + f", one label volume each under {fs.redact(images.folder)}",
+        file=out,
+    )  # fmt: skip
+    print(f"run        {fs.redact(images.record_path)}", file=out)
     print(f"done in {format_seconds(total)}", file=out, flush=True)
-    report_path = str(ReportFiles.beside(wf.output.path).json) if scores is not None else None
-    return RunResult(wf.output.path, report_path, scores, total, state.blocks)
+    report_path = images.reports.json if scores is not None else None
+    return SetResult(RunResult(images.folder, report_path, scores, total), results)
+
+
+def _mark_current(entries: dict[str, dict[str, Any]], status: str) -> None:
+    for entry in entries.values():
+        if entry["status"] == "running":
+            entry["status"] = status
+
+
+def _complete_and_unchanged(wf: Workflow, p: Prepared) -> bool:
+    """The image's volume is complete and was computed from this input, model and settings."""
+    path = wf.output.path
+    if not is_complete(path):
+        return False
+    record = recorded_run(path)
+    if record is None:
+        return False
+    return not changed_fingerprints(record.get("fingerprints", {}), run_fingerprints(wf, p.model.identity, p.plan))
+
+
+def _evaluate_set(images: ImageSet, prepared: list[Prepared], out: TextIO) -> Scores:
+    """Every image against its ground truth: per image and pooled, in the set's folder."""
+    wf = images.workflow
+    ev = wf.evaluation
+    assert ev is not None
+    spec = evaluation_spec(ev, wf.model.num_classes)
+    pairs = [
+        LabelPair(
+            item.name,
+            ImageSpec(item.workflow.output.path, None, "output.path"),
+            truth_spec(item.workflow),
+            ignore_mask_spec(item.workflow),
+        )
+        for item in images.images
+    ]
+    extra: dict[str, Any] = {"workflow": wf.source, "model": prepared[0].model.identity, "images": len(pairs)}
+    if prepared[0].model.untrained:
+        extra["note"] = UNTRAINED_NOTE
+    files = images.reports
+    _, scores = evaluate_and_report(
+        pairs, spec, files, ev.bootstrap, ev.confidence, image=input_spec(images.images[0].workflow), extra=extra
+    )
+    for path in files.written():
+        print(f"report     {fs.redact(path)}", file=out)
+    print(f"{len(pairs)} images; pooled (dataset-level) statistics:", file=out)
+    print(format_table(scores, spec.names), file=out)
+    if prepared[0].model.untrained:
+        print(f"note: {UNTRAINED_NOTE}", file=out)
+    return scores
+
+
+def _write_set_record(images: ImageSet, record: dict[str, Any], scores: Scores | None) -> None:
+    """``<folder>/run.json``: the set's status and every image's, with the workflow that ran."""
+    document = {
+        "pipeline_version": __version__,
+        "kind": SET_KIND,
+        "workflow_file": images.workflow.source,
+        "workflow": public_workflow(images.workflow),
+        **record,
+        "evaluation": fs.redact(images.reports.json or "") if scores is not None else None,
+    }
+    try:
+        write_json(images.record_path, document)
+    except PipelineError:
+        pass  # a store refusing the record must not hide the run's own error
 
 
 @contextmanager
@@ -170,31 +359,38 @@ def _named_in(wf: Workflow) -> Iterator[None]:
         raise type(exc)(f"{wf.source}: {exc}") from None
 
 
+def _say_connected(conn: Connection, wf: Workflow, out: TextIO) -> None:
+    """What a user needs to know of the cluster once it is there: its shape, its dashboard."""
+    if conn.cfg.kind == "address":
+        print(f"cluster    {conn.shape.describe()}", file=out, flush=True)
+    if conn.dashboard:
+        print(f"dashboard  {conn.dashboard}", file=out, flush=True)
+    _check_allocator(conn, wf, out)
+
+
 def _run_connected(
     wf: Workflow,
     prepared: Prepared,
     conn: Connection,
     state: RunState,
     reports: list[str],
-    resume: bool,
-    performance_report: str | None,
+    options: _Options,
     out: TextIO,
     err: TextIO,
 ) -> Scores | None:
     timings = state.timings
     assert timings is not None
     client = conn.client
-    if conn.cfg.kind == "address":
-        print(f"cluster    {conn.shape.describe()}", file=out, flush=True)
-    if conn.dashboard:
-        print(f"dashboard  {conn.dashboard}", file=out, flush=True)
-    _check_allocator(conn, wf, out)
+    resume, performance_report = options.resume, options.performance_report
     plan = prepared.plan
     if wf.inference.batch_size == "auto":
-        batch = client.submit(
-            measure_batch_size, wf.model, wf.inference, plan.read_shape, storage_rules(wf), pure=False,
-            resources={"GPU": 1} if conn.gpu_tasks else None,  # measured where blocks will run
-        ).result()  # fmt: skip
+        key = ("batch", plan.read_shape)
+        if key not in options.measured:
+            options.measured[key] = client.submit(
+                measure_batch_size, wf.model, wf.inference, plan.read_shape, storage_rules(wf), pure=False,
+                resources={"GPU": 1} if conn.gpu_tasks else None,  # measured where blocks will run
+            ).result()  # fmt: skip
+        batch = options.measured[key]
         prepared = replan(prepared, batch)
         plan = prepared.plan
         print(f"batch      {batch} tiles per forward pass (from free device memory)", file=out, flush=True)
@@ -202,7 +398,7 @@ def _run_connected(
         prepared = replace(prepared, skip=skip)
         if skip is not None:
             print(f"skip       {skip.describe(plan.n_blocks)}", file=out, flush=True)
-    choice = _tune(conn, wf, prepared, out)
+    choice = _tune(conn, wf, prepared, out, options.measured)
     image = pinned_version(input_spec(wf))
     check_output_location(wf)
     fingerprints = run_fingerprints(wf, prepared.model.identity, plan)
@@ -329,7 +525,7 @@ def _run_connected(
     print(f"labels     {fs.redact(wf.output.path)} (complete)", file=out, flush=True)
     if performance_report:
         print(f"dask       performance report {performance_report}", file=out, flush=True)
-    if wf.evaluation is None:
+    if wf.evaluation is None or not options.evaluate:
         return None
     t = time.perf_counter()
     try:
@@ -358,17 +554,24 @@ def _geo_attributes(prepared: Prepared) -> dict[str, Any]:
     return {} if geo is None else {"georeference": geo.as_dict()}
 
 
-def _tune(conn: Connection, wf: Workflow, prepared: Prepared, out: TextIO) -> RuntimeChoice:
+def _tune(
+    conn: Connection, wf: Workflow, prepared: Prepared, out: TextIO, measured: dict[Any, Any]
+) -> RuntimeChoice:
     """Forward passes at once, torch threads each and memory format, measured on a worker
-    where blocks run (or as configured), within its cores and memory."""
+    where blocks run (or as configured), within its cores and memory; once per task size
+    in a run over several images."""
     shape = conn.shape
     memory = worker_memory_budget(wf, shape)
     limits = Limits(shape.slots, shape.cores_per_worker, prepared.task_bytes or 0, memory, shape.torch_threads)
+    key = ("runtime", limits, prepared.plan.read_shape)
+    if key in measured:
+        return measured[key]
     try:
-        return conn.client.submit(
+        measured[key] = conn.client.submit(
             choose_runtime, wf.model, wf.inference, prepared.model.geometry, limits,
             storage_rules(wf), pure=False, resources={"GPU": 1} if conn.gpu_tasks else None,
         ).result()  # fmt: skip
+        return measured[key]
     except Exception as exc:  # the blocks report a real problem with the model in their own words
         print(f"note       runtime not measured ({one_line(exc)}): as configured", file=out, flush=True)
         configured = wf.inference

@@ -52,7 +52,7 @@ def plan_skips(wf: Workflow, image: ImageReader, plan: TilePlan) -> SkipPlan | N
         if problem is not None:
             raise InputImageError(
                 f"{MASK_FIELD}: {shown} has shape {mask.shape}, but the image "
-                f"{fs.redact(wf.input.path)} has spatial shape {image.shape}; {problem}"
+                f"{fs.redact(wf.input.image_path)} has spatial shape {image.shape}; {problem}"
             )
         masked = masked_blocks(plan.blocks(), image.shape, mask.shape, _any_nonzero(mask))
     return SkipPlan(rule, masked, shown, mask.shape)
