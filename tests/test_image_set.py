@@ -1,0 +1,229 @@
+"""Many images per run: a list, glob or folder of images -> one label volume each, one cluster,
+statistics per image and pooled, a set that resumes image by image.
+
+Runs go through the ``pipeline`` command as users run it. References are independent: the
+NumPy box filter on each whole mirrored image, and confusion matrices counted by NumPy on
+the volumes read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+import zarr
+from PIL import Image
+
+from pipeline.config import parse_workflow
+from pipeline.errors import EvaluationError, OutputExistsError, WorkflowError
+from pipeline.image_set import expand_images
+from tests.helpers import REPO, box_filter_reference
+
+PIPELINE = str(Path(sys.executable).parent / "pipeline")
+WEIGHT = [[1], [-1]]
+MEAN = 100
+TILE = 32
+SHAPES = {"a": (96, 160), "b": (128, 64), "deep/c": (64, 96)}  # names: the path below the folder
+
+
+def _write_images(root: Path) -> None:
+    rng = np.random.default_rng(5)
+    for name, shape in SHAPES.items():
+        image = rng.integers(0, 200, shape, dtype=np.uint8)
+        (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "truth" / name).parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(root / "images" / f"{name}.tif", image, tile=(32, 32))
+        truth = (rng.random(shape) < 0.5).astype(np.uint8)
+        Image.fromarray(truth).save(root / "truth" / f"{name}.png")
+
+
+def _reference(root: Path, name: str) -> np.ndarray:
+    image = tifffile.imread(root / "images" / f"{name}.tif")
+    centred = image[None].astype(np.int64) - MEAN
+    return box_filter_reference(centred, 2, np.array(WEIGHT), "reflect").argmax(0)
+
+
+def _workflow(root: Path, seconds: float = 0.0, **changes: object) -> str:
+    if not (root / "images").exists():
+        _write_images(root)
+    doc = {
+        "input": {"path": "images"},
+        "model": {
+            "arch": "custom", "factory": "tests.helpers:SlowBoxFilter", "num_classes": 2, "halo": 2,
+            "normalize": {"mean": MEAN, "std": 1},
+            "kwargs": {"radius": 2, "weight": WEIGHT, "seconds": seconds, "log": str(root / "forward.log")},
+        },
+        "tiling": {"tile": TILE},
+        "output": {"path": "out"},
+        "evaluation": {"ground_truth": "truth/**/*.png"},
+        "cluster": {"n_workers": 2, "threads_per_worker": 1},
+    }  # fmt: skip
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        if value is None:
+            doc[section].pop(key, None)
+        else:
+            doc.setdefault(section, {})[key] = value
+    (root / "wf.yaml").write_text(yaml.safe_dump(doc))
+    return str(root / "wf.yaml")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}  # workers import the test network
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PIPELINE, *args], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+
+
+def _labels(root: Path, name: str) -> np.ndarray:
+    return zarr.open_group(str(root / "out" / f"{name}.zarr"), mode="r")["0"][:]
+
+
+def _confusion(truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    return np.bincount(truth.ravel().astype(np.int64) * 2 + prediction.ravel(), minlength=4).reshape(2, 2)
+
+
+def _iou(cm: np.ndarray) -> list[float]:
+    return [cm[k, k] / (cm[k].sum() + cm[:, k].sum() - cm[k, k]) for k in range(2)]
+
+
+def test_a_folder_of_images_gives_one_volume_each_equal_to_the_whole_image_reference_and_exact_statistics(
+    tmp_path,
+) -> None:
+    wf = _workflow(tmp_path)
+    proc = _run("run", wf)
+    assert proc.returncode == 0, proc.stderr
+    assert "images     3 images: a, b, deep/c" in proc.stdout
+    assert "image      3 of 3: deep/c (64 x 96 px)" in proc.stdout
+    pooled = np.zeros((2, 2), np.int64)
+    report = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    per_image = {entry["name"]: entry for entry in report["per_image"]}
+    for name in SHAPES:
+        labels = _labels(tmp_path, name)
+        np.testing.assert_array_equal(labels, _reference(tmp_path, name))  # seamless, per image
+        truth = np.asarray(Image.open(tmp_path / "truth" / f"{name}.png"))
+        cm = _confusion(truth, labels)
+        pooled += cm
+        np.testing.assert_allclose(per_image[name]["iou"], _iou(cm), rtol=1e-12)
+        assert per_image[name]["pixels"] == labels.size
+        assert (tmp_path / "out" / f"{name}.run.json").is_file()  # each image's own record
+    assert report["pooled"]["confusion_matrix"]["counts"] == pooled.tolist()  # exact: counts summed
+    np.testing.assert_allclose([c["iou"] for c in report["pooled"]["per_class"]], _iou(pooled), rtol=1e-12)
+    assert report["pooled"]["pixels_evaluated"] == sum(np.prod(s) for s in SHAPES.values())
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["status"] == "complete" and record["kind"] == "image set"
+    assert {name: entry["status"] for name, entry in record["images"].items()} == dict.fromkeys(SHAPES, "complete")
+    blocks = sum(-(-h // TILE) * -(-w // TILE) for h, w in SHAPES.values())
+    assert sum(e["blocks"]["computed"] for e in record["images"].values()) == blocks
+    # A second run refuses to overwrite and says how to go on; nothing is touched.
+    before = (tmp_path / "out" / "evaluation.json").stat().st_mtime_ns
+    again = _run("run", wf)
+    assert again.returncode == 2
+    assert "already exists (a complete label volume)" in again.stderr and "--resume" in again.stderr
+    assert (tmp_path / "out" / "evaluation.json").stat().st_mtime_ns == before
+
+
+def _ledger(volume: Path) -> int:
+    folder = volume / "blocks" / "c"
+    return sum(1 for p in folder.rglob("*") if p.is_file() and "." not in p.name) if folder.exists() else 0
+
+
+def test_an_interrupted_set_resumes_keeping_complete_volumes_and_finishing_the_interrupted_one(tmp_path) -> None:
+    wf = _workflow(tmp_path, seconds=0.25)
+    proc = subprocess.Popen(
+        [PIPELINE, "run", wf], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        cwd=REPO, start_new_session=True,
+    )  # fmt: skip
+    second = tmp_path / "out" / "b.zarr"
+    deadline = time.monotonic() + 120
+    while _ledger(second) < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the set reached no second image in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["status"] == "interrupted"
+    assert [e["status"] for e in record["images"].values()] == ["complete", "interrupted", "pending"]
+    done = _ledger(second)
+    first = tmp_path / "out" / "a.zarr"
+    kept = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
+    (tmp_path / "forward.log").unlink()
+    resumed = _run("run", wf, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "complete from an earlier run of this set: kept" in resumed.stdout
+    assert f"resume     {done} of 8 blocks were written by the interrupted run" in resumed.stdout
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == kept  # not touched
+    passes = len((tmp_path / "forward.log").read_text().splitlines())
+    assert passes == (8 - done) + 6  # the rest of b (8 blocks), all of deep/c (6); none of a
+    for name in SHAPES:
+        np.testing.assert_array_equal(_labels(tmp_path, name), _reference(tmp_path, name))
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["status"] == "complete"
+    assert [e["status"] for e in record["images"].values()] == ["kept", "complete", "complete"]
+
+
+def _expand(root: Path, **changes: object):
+    wf = yaml.safe_load(Path(_workflow(root, **changes)).read_text())
+    return expand_images(parse_workflow(wf, source=str(root / "wf.yaml")))
+
+
+def test_outputs_follow_the_folder_or_the_name_template(tmp_path) -> None:
+    images = _expand(tmp_path)
+    assert [i.name for i in images.images] == ["a", "b", "deep/c"]
+    assert images.images[2].workflow.output.path == str(tmp_path / "out" / "deep" / "c.zarr")
+    assert images.images[2].workflow.evaluation.ground_truth == str(tmp_path / "truth" / "deep" / "c.png")
+    assert images.record_path == str(tmp_path / "out" / "run.json")
+    templated = _expand(tmp_path, output__path="labels/{name}_seg.zarr", input__path=["images/a.tif", "images/b.tif"])
+    assert [i.workflow.output.path for i in templated.images] == [
+        str(tmp_path / "labels" / "a_seg.zarr"), str(tmp_path / "labels" / "b_seg.zarr"),
+    ]  # fmt: skip
+    assert templated.folder == str(tmp_path / "labels")
+    assert _expand(tmp_path, input__path="images/a.tif", evaluation__ground_truth="truth/a.png") is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"output__path": "out/all.zarr"}, WorkflowError, r"output.path: .*all.zarr is one label volume, but input.path names 3 images; give a folder"),
+        ({"evaluation__ground_truth": "truth/a.png"}, EvaluationError, r"evaluation.ground_truth: .*a.png is one file for 3 images"),
+        ({"evaluation__ground_truth": "truth/*.png"}, EvaluationError, r"evaluation.ground_truth: no label image for 'deep/c' among 2"),
+        ({"output__path": "images/out"}, OutputExistsError, r"output.path: .*images/out would lie among the images input.path names"),
+        ({"input__path": "images/a.tif", "output__path": "o/{name}.zarr", "evaluation__ground_truth": "truth/a.png"}, WorkflowError, r"output.path: .*is a name template for several images, but input.path names one"),
+        ({"tiling__skip": {"mask": "truth/a.png"}}, WorkflowError, r"tiling.skip.mask: one mask for 3 images"),
+    ],
+)  # fmt: skip
+def test_a_set_that_cannot_run_is_an_error_naming_the_workflow_and_field(tmp_path, changes, error, message) -> None:
+    with pytest.raises(error, match=str(tmp_path / "wf.yaml") + ": " + message):
+        _expand(tmp_path, **changes)
+
+
+def test_a_bad_image_in_a_set_stops_the_run_before_anything_is_written(tmp_path) -> None:
+    wf = _workflow(tmp_path)
+    tifffile.imwrite(tmp_path / "images" / "b.tif", np.zeros((2, 64, 64), np.uint8), photometric="minisblack")
+    proc = _run("run", wf)
+    assert proc.returncode == 2
+    assert "b.tif" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_files_in_the_output_folder_are_never_replaced_unless_a_set_wrote_them(tmp_path) -> None:
+    wf = _workflow(tmp_path, output__overwrite=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "evaluation.json").write_text("mine")
+    proc = _run("run", wf)
+    assert proc.returncode == 2
+    assert "out/evaluation.json already exists; no record of a run over several images" in proc.stderr
+    assert (tmp_path / "out" / "evaluation.json").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["evaluation.json"]
