@@ -26,7 +26,7 @@ from PIL import Image
 from pipeline.config import parse_workflow
 from pipeline.errors import EvaluationError, OutputExistsError, WorkflowError
 from pipeline.image_set import expand_images
-from tests.helpers import REPO, box_filter_reference
+from tests.helpers import REPO, box_filter_reference, shared_data, write_workflow
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 WEIGHT = [[1], [-1]]
@@ -227,3 +227,81 @@ def test_report_files_in_the_output_folder_are_never_replaced_unless_a_set_wrote
     assert "out/evaluation.json already exists; no record of a run over several images" in proc.stderr
     assert (tmp_path / "out" / "evaluation.json").read_text() == "mine"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["evaluation.json"]
+
+
+DUBAI_CLASSES = [
+    ("Building", "#3C1098"), ("Land", "#8429F6"), ("Road", "#6EC1E4"),
+    ("Vegetation", "#FEDD3A"), ("Water", "#E2A929"), ("Unlabeled", "#9B9B9B"),
+]  # fmt: skip
+
+
+def _palette_ids(mask_path: Path) -> np.ndarray:
+    """Class ids of a Dubai mask decoded here, independently: -1 for black (ignored)."""
+    rgb = np.asarray(Image.open(mask_path).convert("RGB")).astype(np.int64)
+    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    ids = np.full(code.shape, -1, np.int64)
+    for k, (_, colour) in enumerate(DUBAI_CLASSES):
+        ids[code == int(colour[1:], 16)] = k
+    return ids
+
+
+def _counts(truth: np.ndarray, prediction: np.ndarray, k: int) -> np.ndarray:
+    keep = truth >= 0
+    return np.bincount(truth[keep] * k + prediction[keep].astype(np.int64), minlength=k * k).reshape(k, k)
+
+
+def test_the_dubai_tiles_as_one_run_with_statistics_per_image_and_pooled(tmp_path) -> None:
+    import pipeline
+
+    root = shared_data("aerial", "dubai_mbrsc_semantic_segmentation")
+    workflow = {
+        "input": {"path": f"{root}/Tile [12]/images/*.jpg", "channel_axis": 2},
+        "model": {"arch": "unet", "depth": 2, "width": 4, "num_classes": 6, "in_channels": 3,
+                  "normalize": {"percentiles": [1, 99]}},
+        "tiling": {"tile": 256},
+        "output": {"path": str(tmp_path / "dubai")},
+        "evaluation": {"ground_truth": f"{root}/*/masks/*.png", "encoding": "palette",
+                       "classes": [{"name": n, "colour": c} for n, c in DUBAI_CLASSES],
+                       "ignore_colours": ["#000000"], "bootstrap": 200},
+        "cluster": {"n_workers": 1},
+    }  # fmt: skip
+    labels = pipeline.run(workflow, show_progress=False)
+    names = [f"Tile {t}/image_part_00{k}" for t in (1, 2) for k in range(1, 10)]
+    assert list(labels) == names
+    report = json.loads((tmp_path / "dubai" / "evaluation.json").read_text())
+    per_image = {entry["name"]: entry for entry in report["per_image"]}
+    pooled = np.zeros((6, 6), np.int64)
+    for name in names:
+        tile, part = name.split("/")
+        truth = _palette_ids(root / tile / "masks" / f"{part}.png")
+        prediction = labels[name].values
+        assert prediction.shape == truth.shape and labels[name].dims == ("y", "x")
+        counts = _counts(truth, prediction, 6)
+        pooled += counts
+        assert per_image[name]["pixels"] == counts.sum()
+    assert report["pooled"]["confusion_matrix"]["counts"] == pooled.tolist()
+    assert report["images"] == 18 and "bootstrap" in json.dumps(report)  # resampled over whole images
+
+
+def test_isbi_slices_as_one_run_against_a_larger_folder_of_labels(tmp_path) -> None:
+    root = shared_data("microscopy", "isbi2012_em_membranes")
+    wf = {
+        "input": {"path": f"{root}/images/?.png"},  # slices 0-9; the labels folder holds all 30
+        "model": {"arch": "unet", "depth": 2, "width": 4, "num_classes": 2, "normalize": {"mean": 128.0, "std": 64.0}},
+        "tiling": {"tile": 256},
+        "output": {"path": str(tmp_path / "isbi" / "{name}_labels.zarr")},
+        "evaluation": {"ground_truth": f"{root}/labels", "encoding": "binary"},
+        "cluster": {"n_workers": 1},
+    }  # fmt: skip
+    path = write_workflow(tmp_path / "isbi.yaml", **wf)
+    proc = _run("run", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "10 images; pooled (dataset-level) statistics:" in proc.stdout
+    pooled = np.zeros((2, 2), np.int64)
+    for k in range(10):
+        truth = (np.asarray(Image.open(root / "labels" / f"{k}.png")) > 127).astype(np.int64)
+        prediction = zarr.open_group(str(tmp_path / "isbi" / f"{k}_labels.zarr"), mode="r")["0"][:]
+        pooled += _counts(truth, prediction, 2)
+    report = json.loads((tmp_path / "isbi" / "evaluation.json").read_text())
+    assert report["pooled"]["confusion_matrix"]["counts"] == pooled.tolist()
+    assert sorted(e["name"] for e in report["per_image"]) == [str(k) for k in range(10)]
