@@ -199,7 +199,8 @@ def _parser() -> argparse.ArgumentParser:
             "Exact dataset-level statistics (confusion matrix summed over chunks): per-class "
             "IoU, Dice, precision, recall; mIoU, frequency-weighted IoU, pixel accuracy, mean "
             "class accuracy. PREDICTION and GROUND_TRUTH are label images (zarr, TIFF, PNG), "
-            "folders or globs of them, paired by relative path without suffix."
+            "folders or globs of them, paired by name: the path below a folder, or the parts a "
+            "glob's wildcards match, without suffix."
         ),
     )
     ev.add_argument("prediction", help="label volume written by `pipeline run`, label image, folder or glob")

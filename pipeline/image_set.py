@@ -212,7 +212,7 @@ def prepare_set(images: ImageSet, resume: bool = False) -> list[Prepared]:
         try:
             prepared.append(prepare(item.workflow, resume=resume))
         except OutputExistsError as exc:
-            if resume:
+            if resume or "(a complete label volume)" not in str(exc):
                 raise
             raise OutputExistsError(
                 f"{exc}; or rerun with --resume to keep the complete volumes of an earlier run of this "

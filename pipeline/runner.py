@@ -255,6 +255,7 @@ def run_set(
                     blocks=state.blocks.as_dict() if state.blocks else None,
                 )  # fmt: skip
                 results[item.name] = RunResult(one.output.path, None, None, seconds, state.blocks)
+                _write_set_record(images, record, None)  # progress across images, for whoever watches
             if wf.evaluation is not None:
                 scores = _evaluate_set(images, prepared, out)
             record["status"] = "complete"

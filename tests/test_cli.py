@@ -141,13 +141,14 @@ def test_python_dash_m_and_console_script_exit_codes(tmp_path, small) -> None:
         assert "model.depth: expected an integer" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["aerial_dubai.yaml", "isbi_em.yaml"])
+@pytest.mark.parametrize("name", ["aerial_dubai.yaml", "isbi_em.yaml", "isbi_slices.yaml"])
 def test_shipped_examples_on_the_shared_data_validate_and_run(tmp_path, name, capsys) -> None:
     from tests.helpers import shared_data
 
     shared_data()  # skips without ../shared/data
     wf = yaml.safe_load((REPO / "workflows" / name).read_text())
-    wf["output"]["path"] = str(tmp_path / "out.zarr")  # keep the checkout clean
+    many = "{name}" in wf["output"]["path"]
+    wf["output"]["path"] = str(tmp_path / ("{name}.zarr" if many else "out.zarr"))  # keep the checkout clean
     wf["cluster"] = {"n_workers": 1}
     path = REPO / "workflows" / f".test-{name}"  # beside the original: same relative paths
     path.write_text(yaml.safe_dump(wf))
@@ -158,5 +159,22 @@ def test_shipped_examples_on_the_shared_data_validate_and_run(tmp_path, name, ca
         path.unlink()
     out = capsys.readouterr().out
     assert "mIoU" in out and "untrained" in out
-    report = json.loads((tmp_path / "out.evaluation.json").read_text())
+    report = json.loads((tmp_path / ("evaluation.json" if many else "out.evaluation.json")).read_text())
     assert report["pooled"]["pixels_evaluated"] > 0
+    if many:
+        assert len(report["per_image"]) == 30 and (tmp_path / "29.zarr").is_dir()
+
+
+def test_the_shipped_run_over_all_dubai_tiles_validates(tmp_path, capsys) -> None:
+    from tests.helpers import shared_data
+
+    shared_data()
+    wf = yaml.safe_load((REPO / "workflows" / "dubai_tiles.yaml").read_text())
+    wf["output"]["path"] = str(tmp_path / "tiles")  # keep the checkout clean
+    path = REPO / "workflows" / ".test-dubai_tiles.yaml"  # beside the original: same relative paths
+    path.write_text(yaml.safe_dump(wf))
+    try:
+        assert main(["validate", str(path)]) == 0
+    finally:
+        path.unlink()
+    assert "valid: 72 images" in capsys.readouterr().out

@@ -305,3 +305,17 @@ def test_isbi_slices_as_one_run_against_a_larger_folder_of_labels(tmp_path) -> N
     report = json.loads((tmp_path / "isbi" / "evaluation.json").read_text())
     assert report["pooled"]["confusion_matrix"]["counts"] == pooled.tolist()
     assert sorted(e["name"] for e in report["per_image"]) == [str(k) for k in range(10)]
+
+
+def test_validate_and_plan_check_every_image_and_describe_the_set(tmp_path) -> None:
+    wf = _workflow(tmp_path)
+    validated = _run("validate", wf)
+    assert validated.returncode == 0, validated.stderr
+    assert "valid: 3 images" in validated.stdout and "29 tiles in 29 blocks" in validated.stdout  # 15 + 8 + 6
+    planned = _run("plan", wf)
+    assert planned.returncode == 0, planned.stderr
+    assert "images     3 images: a, b, deep/c" in planned.stdout
+    assert f"output     {tmp_path / 'out'}: one label volume per image" in planned.stdout
+    assert f"evaluation per image and pooled -> {tmp_path / 'out' / 'evaluation.json'}" in planned.stdout
+    assert "first      a:" in planned.stdout and "tasks      3 x 5 = 15 blocks" in planned.stdout
+    assert not (tmp_path / "out").exists()

@@ -332,3 +332,48 @@ def test_a_geotiff_export_and_the_pyramid_land_in_the_store_whole(tmp_path, moto
         ]  # fmt: skip
     finally:
         remove_bucket(moto_s3, bucket)
+
+
+def test_a_glob_of_images_in_a_store_runs_as_one_set_with_volumes_and_reports_in_the_store(
+    tmp_path, moto_s3: S3Server
+) -> None:
+    bucket = new_bucket(moto_s3)
+    store = moto_s3.filesystem()
+    try:
+        images = {"t1": _image((96, 64)), "t2": _image((64, 128))[::-1].copy()}
+        for name, image in images.items():
+            tifffile.imwrite(tmp_path / f"{name}.tif", image, tile=(32, 32))
+            store.put_file(str(tmp_path / f"{name}.tif"), f"{bucket}/tiles/{name}/img.tif")
+            tifffile.imwrite(tmp_path / f"{name}_truth.tif", (image > 100).astype(np.uint8))
+            store.put_file(str(tmp_path / f"{name}_truth.tif"), f"{bucket}/truth/{name}.tif")
+        doc = {
+            "input": {"path": f"s3://{bucket}/tiles/*/img.tif"},
+            "model": _box_model(tmp_path),
+            "tiling": {"tile": TILE},
+            "output": {"path": f"s3://{bucket}/out"},
+            "evaluation": {"ground_truth": f"s3://{bucket}/truth/*.tif"},
+            "cluster": {"n_workers": 2, "threads_per_worker": 1},
+            "storage_options": _s3_options(moto_s3),
+        }
+        proc = _run("run", _write_workflow(tmp_path, doc))
+        assert proc.returncode == 0, proc.stderr
+        pooled = np.zeros((2, 2), np.int64)
+        for name, image in images.items():
+            volume = zarr.storage.FsspecStore.from_url(
+                f"s3://{bucket}/out/{name}.zarr", storage_options=moto_s3.storage_options(), read_only=True
+            )
+            labels = zarr.open_group(volume, mode="r")["0"][:]
+            centred = image[None].astype(np.int64) - MEAN
+            np.testing.assert_array_equal(labels, box_filter_reference(centred, 2, np.array(WEIGHT), "reflect").argmax(0))
+            truth = (image > 100).astype(np.int64)
+            pooled += np.bincount(truth.ravel() * 2 + labels.ravel(), minlength=4).reshape(2, 2)
+        objects = _objects(moto_s3, f"{bucket}/out")
+        report = json.loads(objects["evaluation.json"])
+        assert report["pooled"]["confusion_matrix"]["counts"] == pooled.tolist()
+        assert json.loads(objects["run.json"])["images"].keys() == {"t1", "t2"}
+        assert {k for k in objects if not k.split("/")[0].endswith(".zarr")} == {
+            "evaluation.json", "evaluation.csv", "confusion.png", "preview.png", "run.json",
+            "t1.run.json", "t2.run.json",
+        }  # fmt: skip
+    finally:
+        remove_bucket(moto_s3, bucket)
