@@ -143,7 +143,8 @@ def predict_block(
     Returns labels ``(*block.write.shape)`` or fp32 logits ``(K, *block.write.shape)``.
     """
     runtime = runtime or Runtime()
-    trim = plan.geometry.trim
+    trims = plan.trims
+    planes = plan.plane_axes
     result: np.ndarray | None = None
     groups: dict[tuple[int, ...], list] = defaultdict(list)
     for tile in block.tiles:
@@ -152,12 +153,16 @@ def predict_block(
         batch = np.stack(
             [x[(slice(None),) + t.read.relative_to(block.read.offset).slices()] for t in tiles]
         )
+        if planes:  # one plane per tile: the network sees (N, C, y, x), its planes batched
+            batch = batch.reshape(batch.shape[:2] + batch.shape[2 + planes :])
         logits = forward(module, batch, runtime)
+        if planes:
+            logits = logits.reshape(logits.shape[:2] + (1,) * planes + logits.shape[2:])
         for tile, tile_logits in zip(tiles, logits):
             keep = tile.write.intersect(block.write)
             if keep.empty:
                 continue
-            out_origin = tuple(o + trim for o in tile.read.offset)
+            out_origin = tuple(o + t for o, t in zip(tile.read.offset, trims))
             piece = tile_logits[(slice(None),) + keep.relative_to(out_origin).slices()]
             check_finite_logits(piece, keep, runtime)
             piece_np = (piece.argmax(dim=0) if output == "labels" else piece).cpu().numpy()

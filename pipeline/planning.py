@@ -70,7 +70,8 @@ class Prepared:
     def output_chunks(self) -> tuple[int, ...]:
         """The label array's chunks: ``output.chunk``, or one per block."""
         chunk = self.workflow.output.chunk
-        return (chunk,) * len(self.plan.block_shape) if chunk else self.plan.block_shape
+        planes = self.plan.plane_axes  # a stack's chunks are one plane thick
+        return (1,) * planes + (chunk,) * (len(self.plan.block_shape) - planes) if chunk else self.plan.block_shape
 
     @property
     def task_bytes(self) -> int | None:
@@ -90,20 +91,21 @@ class Prepared:
 
 def input_spec(wf: Workflow) -> ImageSpec:
     return ImageSpec(
-        wf.input.image_path, wf.input.channel_axis, "input.path", wf.input.channels, series=wf.input.series
-    )
+        wf.input.image_path, wf.input.channel_axis, "input.path", wf.input.channels,
+        volume=True, series=wf.input.series,
+    )  # fmt: skip
 
 
 def truth_spec(wf: Workflow) -> ImageSpec:
     assert wf.evaluation is not None
     axis = -1 if wf.evaluation.encoding == "palette" else None
-    return ImageSpec(wf.evaluation.ground_truth, axis, "evaluation.ground_truth")
+    return ImageSpec(wf.evaluation.ground_truth, axis, "evaluation.ground_truth", volume=True)
 
 
 def ignore_mask_spec(wf: Workflow) -> ImageSpec | None:
     if wf.evaluation is None or wf.evaluation.ignore_mask is None:
         return None
-    return ImageSpec(wf.evaluation.ignore_mask, None, "evaluation.ignore_mask")
+    return ImageSpec(wf.evaluation.ignore_mask, None, "evaluation.ignore_mask", volume=True)
 
 
 def evaluation_spec(cfg: EvaluationConfig, num_classes: int) -> EvaluationSpec:
@@ -230,11 +232,16 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
     shape = cluster_shape(wf.cluster, wf.inference.device)
     plan, choice, memory = choose_plan(wf, image, model, batch, shape, kept_tile(wf) if resume else None)
     chunk = wf.output.chunk
-    if chunk is not None and any(b % chunk for b in plan.block_shape):
+    if chunk is not None and any(b % chunk for b in plan.block_shape[plan.plane_axes :]):
         raise PipelineError(
             f"output.chunk: {chunk} does not divide the blocks of "
             f"{' x '.join(map(str, plan.block_shape))} px; expected a divisor of the block edge "
             f"(e.g. {_divisor_near(plan.block_shape, chunk)}), so that every task writes whole chunks"
+        )
+    if wf.output.geotiff and plan.plane_axes:
+        raise PipelineError(
+            f"output.geotiff: {fs.redact(wf.input.image_path)} is a stack of {image.shape[0]} planes; a "
+            f"GeoTIFF holds one 2D image: set output.geotiff: false (the OME-Zarr volume keeps every plane)"
         )
     truth = None
     if wf.evaluation is not None:
@@ -371,7 +378,7 @@ def describe_plan(p: Prepared, evaluation: bool = True) -> str:
     )
     far = [
         max(0, ext[-1][0] + ext[-1][1] - n) + plan.context
-        for ext, n in zip(plan.tile_extents, img.shape)
+        for ext, n in list(zip(plan.tile_extents, img.shape))[plan.plane_axes :]
     ]
     lines = [
         f"image      {fs.redact(wf.input.image_path)}",
@@ -382,7 +389,9 @@ def describe_plan(p: Prepared, evaluation: bool = True) -> str:
         f"           {geo.name}: halo {geo.halo} px ({halo_from}), trim {geo.trim} px, "
         f"shift period {geo.shift_period}, legal inputs {geo.describe_sizes()}",
         f"normalise  {describe_normalization(p.normalize)}",
-        f"tiles      write box {tile}, read box {read} (context {plan.context} px per side)",
+        f"tiles      write box {tile}, read box {read} (context {plan.context} px per side"
+        + (f"; plane by plane: the {geo.dims}D network sees one plane at a time, "
+           f"{plan.block_tiles[plan.plane_axes - 1]} planes per forward pass)" if plan.plane_axes else ")"),
         f"           {_tile_reason(p)}",
         f"           tile sizes are multiples of {geo.tile_multiple}; {plan.n_tiles} tiles; overlap "
         f"{plan.overlap:.2f}x (pixels computed per image pixel)",

@@ -30,16 +30,20 @@ def probe_samples(
     count: int = SAMPLES,
     seed: int = 0,
 ) -> list[tuple[str, torch.Tensor]]:
-    """``count`` crops ``(name, (C, size, size))``: the centre first, then seeded random places."""
+    """``count`` crops ``(name, (C, size, size))``: the centre first, then seeded random places
+    (in a stack ``(z, y, x)``, of seeded random planes: a 2D network sees one plane at a time)."""
     rng = np.random.default_rng(seed)
-    h, w = image.shape
+    *planes, h, w = image.shape
     centres = [(h // 2, w // 2)] + [(int(rng.integers(h)), int(rng.integers(w))) for _ in range(count - 1)]
     samples = []
     for cy, cx in centres:
-        box = Box((cy - size // 2, cx - size // 2), (size, size))
+        lead = tuple(int(rng.integers(n)) for n in planes)
+        box = Box(lead + (cy - size // 2, cx - size // 2), (1,) * len(lead) + (size, size))
         raw, _ = apply_policy(image.read_box(box, mirror), box, image.shape, fill_value, image.spec.path)
+        raw = raw.reshape(raw.shape[:1] + raw.shape[1 + len(lead) :])
         x = normalise(raw, _crop_statistics(raw, normalize))
-        samples.append((f"a crop of the image centred at ({cy}, {cx})", torch.from_numpy(x)))
+        where = ", ".join(map(str, (*lead, cy, cx)))
+        samples.append((f"a crop of the image centred at ({where})", torch.from_numpy(x)))
     return samples
 
 

@@ -385,10 +385,10 @@ def _run_connected(
     resume, performance_report = options.resume, options.performance_report
     plan = prepared.plan
     if wf.inference.batch_size == "auto":
-        key = ("batch", plan.read_shape)
+        key = ("batch", plan.network_read_shape)
         if key not in options.measured:
             options.measured[key] = client.submit(
-                measure_batch_size, wf.model, wf.inference, plan.read_shape, storage_rules(wf), pure=False,
+                measure_batch_size, wf.model, wf.inference, plan.network_read_shape, storage_rules(wf), pure=False,
                 resources={"GPU": 1} if conn.gpu_tasks else None,  # measured where blocks will run
             ).result()  # fmt: skip
         batch = options.measured[key]

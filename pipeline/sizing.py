@@ -112,6 +112,11 @@ def choose_plan(
     cfg = wf.model
     halo = None if isinstance(cfg, DeclaredGeometry) or cfg.halo == "auto" else int(cfg.halo)
     memory = task_memory(image, model, batch)
+    planes = max(0, len(image.shape) - model.geometry.dims)  # a stack: plane by plane
+
+    def tile_shape(edge: int) -> tuple[int, ...]:
+        return (1,) * planes + (edge,) * (len(image.shape) - planes)
+
     choice = None
     if wf.tiling.tile == "auto" and kept_tile is not None:
         tile = kept_tile
@@ -119,14 +124,14 @@ def choose_plan(
     elif wf.tiling.tile == "auto":
         budget = task_budget(wf, shape)
         choice = choose_tile(
-            image.shape,
+            image.shape[planes:],
             model.geometry,
             TileBudget(
                 memory=budget.task_bytes,
-                task_bytes=lambda edge: memory.bytes_at((edge,) * len(image.shape)),
-                largest_bytes=lambda edge: memory.largest_at((edge,) * len(image.shape)),
+                task_bytes=lambda edge: memory.bytes_at(tile_shape(edge)),
+                largest_bytes=lambda edge: memory.largest_at(tile_shape(edge)),
                 slots=budget.slots,
-                pass_bytes=lambda edge: memory.pass_at((edge,) * len(image.shape)),
+                pass_bytes=lambda edge: memory.pass_at(tile_shape(edge)),
                 pass_limit=None if budget.on_gpu else CPU_PASS_LIMIT,
             ),
             batch_size=batch,
@@ -135,7 +140,10 @@ def choose_plan(
         tile = choice.tile
     else:
         tile = int(wf.tiling.tile)
-    plan = plan_tiles(image.shape, model.geometry, tile=tile, mirror=wf.tiling.mirror, batch_size=batch, halo=halo)
+    plan = plan_tiles(
+        image.shape, model.geometry, tile=tile, mirror=wf.tiling.mirror, batch_size=batch, halo=halo,
+        plane_axes=planes,
+    )  # fmt: skip
     return plan, choice, memory
 
 

@@ -16,6 +16,9 @@ One network tile, along one axis (``c`` = context actually used, ``>=`` the mode
   image: same phase, same result, less wasted compute on mirrored pixels.
 * A block is ``rows x cols`` tiles: one Dask task, one batch per forward pass, one zarr
   chunk. Its read box is the union of its tiles' read boxes and is read once.
+* A stack ``(z, y, x)`` segmented by a 2D network plane by plane has one *plane axis*: its
+  tiles are one plane thick with no context along it, and a block is ``batch`` planes of
+  one tile each, their planes batched through the network together.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class NetworkGeometry:
     size_step: int = 1
     size_max: int | None = None
     name: str = "network"
+    dims: int = 2  # spatial axes the network convolves over; an image's extra leading axes are planes
 
     def __post_init__(self) -> None:
         if self.halo < self.trim:
@@ -100,10 +104,21 @@ class TilePlan:
     block_tiles: tuple[int, ...]
     geometry: NetworkGeometry
     mirror: MirrorMode
+    plane_axes: int = 0  # leading axes the network does not see: segmented plane by plane
 
     @property
     def ndim(self) -> int:
         return len(self.image_shape)
+
+    @property
+    def contexts(self) -> tuple[int, ...]:
+        """The context per axis: none along plane axes."""
+        return (0,) * self.plane_axes + (self.context,) * (self.ndim - self.plane_axes)
+
+    @property
+    def trims(self) -> tuple[int, ...]:
+        """The network's trim per axis: none along plane axes."""
+        return (0,) * self.plane_axes + (self.geometry.trim,) * (self.ndim - self.plane_axes)
 
     @property
     def block_shape(self) -> tuple[int, ...]:
@@ -121,15 +136,18 @@ class TilePlan:
     @cached_property
     def tile_extents(self) -> tuple[tuple[tuple[int, int], ...], ...]:
         """Per axis, ``(start, size)`` of each tile: full tiles, then a shrunk last one."""
-        return tuple(
+        planes = tuple(tuple((z, 1) for z in range(n)) for n in self.image_shape[: self.plane_axes])
+        return planes + tuple(
             axis_tiles(n, t, self.context, self.geometry)
-            for n, t in zip(self.image_shape, self.tile)
+            for n, t in zip(self.image_shape[self.plane_axes :], self.tile[self.plane_axes :])
         )
 
     @property
     def overlap(self) -> float:
         """Pixels the network computes (every tile's read box) per image pixel."""
-        computed = math.prod(sum(size + 2 * self.context for _, size in ext) for ext in self.tile_extents)
+        computed = math.prod(
+            sum(size + 2 * c for _, size in ext) for ext, c in zip(self.tile_extents, self.contexts)
+        )
         return computed / math.prod(self.image_shape)
 
     @property
@@ -158,7 +176,7 @@ class TilePlan:
         tiles = []
         for combo in itertools.product(*per_axis):
             write = Box(tuple(s for s, _ in combo), tuple(n for _, n in combo))
-            tiles.append(Tile(write=write, read=write.grow(self.context)))
+            tiles.append(Tile(write=write, read=write.grow(self.contexts)))
         origin = tuple(i * b for i, b in zip(index, self.block_shape))
         write = Box(origin, self.block_shape).clip(self.image_shape)
         read = _bounding_box([t.read for t in tiles])
@@ -167,11 +185,16 @@ class TilePlan:
     @property
     def read_shape(self) -> tuple[int, ...]:
         """Input shape of a full network tile."""
-        return tuple(t + 2 * self.context for t in self.tile)
+        return tuple(t + 2 * c for t, c in zip(self.tile, self.contexts))
 
     @property
     def max_block_read_shape(self) -> tuple[int, ...]:
-        return tuple(b + 2 * self.context for b in self.block_shape)
+        return tuple(b + 2 * c for b, c in zip(self.block_shape, self.contexts))
+
+    @property
+    def network_read_shape(self) -> tuple[int, ...]:
+        """The spatial shape of one network input (a tile's read box without its plane axes)."""
+        return self.read_shape[self.plane_axes :]
 
 
 def plan_tiles(
@@ -182,11 +205,14 @@ def plan_tiles(
     mirror: MirrorMode,
     batch_size: int = 1,
     halo: int | None = None,
+    plane_axes: int = 0,
 ) -> TilePlan:
     """Context and blocks for an image and a write-box edge (``tile``; ``tiling.tile: auto``
     chooses one with :func:`pipeline.autotile.choose_tile`); a TilingError says why not.
 
     ``halo`` overrides the network's own halo (it may only add context, never remove it).
+    ``plane_axes``: leading axes segmented plane by plane (a 2D network on a stack), a
+    block holding ``batch_size`` planes of one tile each.
     """
     if any(n < 1 for n in image_shape):
         raise TilingError(f"image shape {image_shape}: every axis needs at least one pixel")
@@ -208,14 +234,21 @@ def plan_tiles(
             f"raise tiling.tile or lower model.halo (the network needs {geometry.halo})"
         )
     context = context_for(chosen, needed, geometry)
-    tile_shape = tuple(min(chosen, round_up(n, m)) for n in image_shape)
+    p = plane_axes
+    tile_shape = (1,) * p + tuple(min(chosen, round_up(n, m)) for n in image_shape[p:])
+    block_tiles = (
+        (1,) * (p - 1) + (batch_size,) + (1,) * (len(image_shape) - p)
+        if p
+        else block_arrangement(batch_size, len(image_shape))
+    )
     return TilePlan(
         image_shape=tuple(image_shape),
         tile=tile_shape,
         context=context,
-        block_tiles=block_arrangement(batch_size, len(image_shape)),
+        block_tiles=block_tiles,
         geometry=geometry,
         mirror=mirror,
+        plane_axes=p,
     )
 
 

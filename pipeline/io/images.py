@@ -73,13 +73,15 @@ class ImageReader:
                     f"{fs.redact(spec.path)}: expected a 2D image with one channel axis (3 axes), got shape "
                     f"{array.shape}; 3D volumes are not supported yet"
                 )
-        elif ndim not in spatial_ok:
+        elif ndim not in spatial_ok or ndim == 3 and array.shape[-1] <= 4:  # (y, x, RGB) is no stack
             hint = (
                 f"; if the last axis holds channels (e.g. RGB), set input.channel_axis: {ndim - 1}"
                 if ndim == 3
                 else ""
             )
-            what = "a 2D image or a 3D volume" if spec.volume else "a 2D image"
+            what = "a 2D image or a 3D stack (z, y, x)" if spec.volume else "a 2D image"
+            if ndim == 3 and spec.volume and array.shape[-1] <= 4:
+                hint = f": its last axis looks like channels, not x; set input.channel_axis: {ndim - 1}"
             raise InputImageError(
                 f"{fs.redact(spec.path)}: expected {what} (or input.channel_axis for a multi-channel "
                 f"one), got {ndim} axes with shape {array.shape}{hint}"
