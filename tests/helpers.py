@@ -56,13 +56,38 @@ class BoxFilterNet(nn.Module):
         return NetworkGeometry(halo=self.r, trim=trim, size_min=2 * trim + 1, name="box filter")
 
 
+class BoxFilterNet3D(BoxFilterNet):
+    """:class:`BoxFilterNet` in three dimensions: a 3D network (halo ``r`` along z, y and x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.r
+        x = x.double()
+        if self.padding == "same":
+            x = nn.functional.pad(x, (r,) * 6)
+        c = nn.functional.pad(x.cumsum(-1).cumsum(-2).cumsum(-3), (1, 0, 1, 0, 1, 0))
+        k = 2 * r + 1
+        a, b = slice(k, None), slice(None, -k)
+        box = (
+            c[..., a, a, a] - c[..., b, a, a] - c[..., a, b, a] - c[..., a, a, b]
+            + c[..., b, b, a] + c[..., b, a, b] + c[..., a, b, b] - c[..., b, b, b]
+        )  # fmt: skip
+        return torch.einsum("kc,bcdhw->bkdhw", self.weight, box)
+
+    def geometry(self) -> NetworkGeometry:
+        trim = self.r if self.padding == "valid" else 0
+        return NetworkGeometry(halo=self.r, trim=trim, size_min=2 * trim + 1, name="3D box filter", dims=3)
+
+
 def box_filter_reference(image: np.ndarray, radius: int, weight: np.ndarray, mode: str) -> np.ndarray:
-    """NumPy whole-image result on the mirror-padded image: int64, no torch involved."""
-    padded = np.pad(image.astype(np.int64), ((0, 0), (radius, radius), (radius, radius)), mode=mode)
+    """NumPy whole-image result on the mirror-padded image: int64, no torch involved; a
+    ``(C, z, y, x)`` image gets the 3D box (the reference of :class:`BoxFilterNet3D`)."""
+    dims = image.ndim - 1
+    padded = np.pad(image.astype(np.int64), ((0, 0),) + ((radius, radius),) * dims, mode=mode)
     k = 2 * radius + 1
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (k, k), axis=(1, 2))
-    box = windows.sum(axis=(-1, -2))
-    return np.einsum("kc,chw->khw", weight.astype(np.int64), box)
+    axes = tuple(range(1, dims + 1))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (k,) * dims, axis=axes)
+    box = windows.sum(axis=tuple(range(-dims, 0)))
+    return np.einsum("kc,c...->k...", weight.astype(np.int64), box)
 
 
 def write_workflow(path: Path, **sections: dict) -> Path:
