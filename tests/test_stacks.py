@@ -17,7 +17,14 @@ from PIL import Image
 
 from pipeline.inference import predict_image
 from pipeline.tiling import plan_tiles
-from tests.helpers import REPO, BoxFilterNet, BoxFilterNet3D, box_filter_reference, shared_data, write_workflow
+from tests.helpers import (
+    REPO,
+    BoxFilterNet,
+    BoxFilterNet3D,
+    box_filter_reference,
+    shared_data,
+    write_workflow,
+)
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
 
