@@ -181,6 +181,11 @@ class InputConfig(Section):
     series: int | None = Field(
         default=None, ge=0, description="which image series of a TIFF holding several"
     )
+    level: int = Field(
+        default=0, ge=0,
+        description="pyramid level of a pyramidal TIFF / OME-TIFF / COG or of an OME-Zarr multiscale "
+        "image to segment: 0 = full resolution, 1 = the next coarser, ...",
+    )  # fmt: skip
     non_finite: Literal["error", "fill"] = Field(
         default="error", description="NaN/infinite pixels of a float image: an error, or filled"
     )

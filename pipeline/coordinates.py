@@ -40,6 +40,23 @@ class Georeference:
     # The GeoTIFF tags as stored, (code, TIFF datatype, values): copied into an export as they are.
     tags: tuple[tuple[int, int, tuple[Any, ...]], ...] = ()
 
+    def coarser(self, fy: float, fx: float) -> Georeference:
+        """The same extent in pixels ``fy`` x ``fx`` times larger (a pyramid level, an overview):
+        the transform and the stored pixel scale, tie points and transformation scaled alike."""
+        a, b, c, d, e, f = self.transform
+        tags = []
+        for code, dtype, values in self.tags:
+            v = list(values)
+            if code == 33550 and len(v) >= 2:  # ModelPixelScale (Sx, Sy, Sz)
+                v[0], v[1] = v[0] * fx, v[1] * fy
+            elif code == 33922:  # ModelTiepoint: raster (I, J, K) -> map (X, Y, Z), per point
+                for i in range(0, len(v) - 5, 6):
+                    v[i], v[i + 1] = v[i] / fx, v[i + 1] / fy
+            elif code == 34264 and len(v) >= 6:  # ModelTransformation, 4 x 4 row-major
+                v[0], v[1], v[4], v[5] = v[0] * fx, v[1] * fy, v[4] * fx, v[5] * fy
+            tags.append((code, dtype, tuple(v)))
+        return Georeference(self.crs, (a * fx, b * fy, c, d * fx, e * fy, f), self.citation, tuple(tags))
+
     def gdal_geotransform(self) -> tuple[float, float, float, float, float, float]:
         """GDAL's order: (c, a, b, f, d, e)."""
         a, b, c, d, e, f = self.transform
@@ -67,6 +84,15 @@ class PixelGrid:
     @classmethod
     def unknown(cls, ndim: int) -> PixelGrid:
         return cls((1.0,) * ndim, (None,) * ndim)
+
+    def coarser(self, factors: tuple[float, ...], level: int) -> PixelGrid:
+        """The grid of pyramid ``level`` of the image, whose pixels span ``factors`` of these."""
+        if not level:
+            return self
+        geo = self.georeference.coarser(factors[-2], factors[-1]) if self.georeference else None
+        scale = tuple(s * f for s, f in zip(self.scale, factors))
+        where = "the input states no pixel size; in its level-0 pixels" if self.source == "none" else self.source
+        return PixelGrid(scale, self.units, f"{where}, level {level}", geo)
 
     def as_dict(self) -> dict[str, Any]:
         found: dict[str, Any] = {"scale": list(self.scale), "units": list(self.units), "source": self.source}

@@ -92,7 +92,7 @@ class Prepared:
 def input_spec(wf: Workflow) -> ImageSpec:
     return ImageSpec(
         wf.input.image_path, wf.input.channel_axis, "input.path", wf.input.channels,
-        volume=True, series=wf.input.series,
+        volume=True, series=wf.input.series, level=wf.input.level,
     )  # fmt: skip
 
 
@@ -381,7 +381,7 @@ def describe_plan(p: Prepared, evaluation: bool = True) -> str:
         for ext, n in list(zip(plan.tile_extents, img.shape))[plan.plane_axes :]
     ]
     lines = [
-        f"image      {fs.redact(wf.input.image_path)}",
+        f"image      {fs.redact(wf.input.image_path)}" + (f" (pyramid level {wf.input.level})" if wf.input.level else ""),
         f"           {shape} px, {img.channels} channel{'s' * (img.channels > 1)}, {img.dtype}, "
         f"stored in chunks of {' x '.join(map(str, img.chunks))}",
         f"model      {p.model.identity['arch']} {_params(p.model.identity['params'])}",

@@ -31,9 +31,10 @@ def read_pixel_grid(reader: ImageReader) -> PixelGrid:
     fs.use_rules(spec.storage)
     try:
         if reader.tiff is not None:
-            return _tiff_grid(reader.tiff, spec, ndim)
+            grid = _tiff_grid(reader.tiff, spec, ndim)
+            return grid.coarser(_level_factors(reader.tiff, spec, reader.shape), spec.level)
         if is_zarr(spec.path):
-            return _zarr_grid(spec.path, ndim)
+            return _zarr_grid(spec.path, ndim, spec.level)
     except (OSError, ValueError, KeyError, TypeError, IndexError, SyntaxError):  # SyntaxError: bad OME-XML
         pass
     return PixelGrid.unknown(ndim)
@@ -97,8 +98,16 @@ def _ome_grid(xml: str, index: int, ndim: int) -> PixelGrid:
     return PixelGrid(tuple(scale), tuple(units), "OME-TIFF")
 
 
-def _zarr_grid(path: str, ndim: int) -> PixelGrid:
-    """The first dataset's ``scale`` and the space axes' units of an OME-Zarr group."""
+def _level_factors(tif: tifffile.TiffFile, spec: ImageSpec, shape: tuple[int, ...]) -> tuple[float, ...]:
+    """How many full-resolution pixels a pixel of the chosen pyramid level spans, per spatial axis."""
+    series = tif.series[spec.series or 0]
+    full = dict(zip(series.axes, series.levels[0].shape))
+    spatial = [full[a] for a in series.axes if a in "ZYX"][-len(shape) :]
+    return tuple(n / m for n, m in zip(spatial, shape))
+
+
+def _zarr_grid(path: str, ndim: int, level: int = 0) -> PixelGrid:
+    """The chosen dataset's ``scale`` and the space axes' units of an OME-Zarr group."""
     if fs.exists(fs.join(path, "zarr.json")):  # zarr 3; else zarr 2's attributes file
         attrs = json.loads(fs.read_bytes(fs.join(path, "zarr.json"))).get("attributes", {})
     else:
@@ -108,9 +117,10 @@ def _zarr_grid(path: str, ndim: int) -> PixelGrid:
         return PixelGrid.unknown(ndim)
     first = multiscales[0]
     axes = first.get("axes", [])
-    transforms = first["datasets"][0].get("coordinateTransformations", [])
+    transforms = first["datasets"][level].get("coordinateTransformations", [])
     scale = next((t["scale"] for t in transforms if t.get("type") == "scale"), [1.0] * len(axes))
     space = [i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "space"]
     space = space[-ndim:] if len(space) >= ndim else list(range(len(scale)))[-ndim:]
     units = tuple(ngff_unit(axes[i].get("unit")) if isinstance(axes[i], dict) else None for i in space)
-    return PixelGrid(tuple(float(scale[i]) for i in space), units, "OME-Zarr")
+    source = f"OME-Zarr, level {level}" if level else "OME-Zarr"
+    return PixelGrid(tuple(float(scale[i]) for i in space), units, source)

@@ -46,6 +46,7 @@ class ImageSpec:
     channels: tuple[int, ...] | None = None
     volume: bool = False  # also accept 3 spatial axes (z, y, x): label volumes for evaluation
     series: int | None = None  # the image series of a TIFF holding several
+    level: int = 0  # the pyramid level of a pyramidal TIFF or an OME-Zarr multiscale image
     storage: fs.StorageRules = dataclasses.field(default_factory=fs.active_rules)  # as where the spec was made
     version: str | None = None  # of the file, pinned by the driver (pinned_version): workers need not ask
 
@@ -187,6 +188,8 @@ def _open_array(spec: ImageSpec) -> tuple[zarr.Array | _InMemoryArray, object]:
     if suffix in TIFF_SUFFIXES:
         return _open_tiff(spec)
     if suffix in PILLOW_SUFFIXES:
+        if spec.level:
+            raise _no_level(spec, ["its only image"])
         return _open_pillow(spec), None
     raise InputImageError(
         f"{spec.field}: {fs.redact(spec.path)}: unsupported image format {suffix or '(no suffix)'!r}; "
@@ -223,7 +226,11 @@ def _open_tiff(spec: ImageSpec) -> tuple[zarr.Array | _InMemoryArray, object]:
     array: zarr.Array | _InMemoryArray
     try:
         series = _choose_series(tif, spec)
-        if local and series.dataoffset is not None and not series.is_multifile:
+        if spec.level >= len(series.levels):
+            raise _no_level(spec, [" x ".join(map(str, level.shape)) for level in series.levels])
+        if spec.level:
+            array = zarr.open_array(series.aszarr(level=spec.level), mode="r")
+        elif local and series.dataoffset is not None and not series.is_multifile:
             # Uncompressed and contiguous: a memory map reads only the pages a region needs,
             # where the zarr view would decode whole strips (often one strip = the image).
             array = _InMemoryArray(
@@ -305,11 +312,16 @@ def _open_zarr(spec: ImageSpec) -> zarr.Array:
             f"{record.get('status')!r}); expected a complete one"
         )
     if isinstance(node, zarr.Array):
+        if spec.level:
+            raise _no_level(spec, [" x ".join(map(str, node.shape))])
         return node
     attrs: Mapping[str, Any] = node.attrs  # JSON metadata, read as the OME-Zarr layout says
     multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
     if multiscales:
-        dataset_path = multiscales[0]["datasets"][0]["path"]
+        datasets = multiscales[0]["datasets"]
+        if spec.level >= len(datasets):
+            raise _no_level(spec, [str(d.get("path")) for d in datasets])
+        dataset_path = datasets[spec.level]["path"]
         dataset = node[dataset_path]
         if not isinstance(dataset, zarr.Array):
             raise InputImageError(
@@ -320,10 +332,20 @@ def _open_zarr(spec: ImageSpec) -> zarr.Array:
     members = dict(node.arrays())
     arrays = sorted(members)
     if len(arrays) == 1:
+        if spec.level:
+            raise _no_level(spec, arrays)
         return members[arrays[0]]
     raise InputImageError(
         f"{spec.field}: {fs.redact(spec.path)} is a zarr group with arrays {arrays}; expected one array, "
         f"an OME-Zarr multiscale group, or the path of the array itself (e.g. {fs.redact(spec.path)}/{arrays[0] if arrays else '0'})"
+    )
+
+
+def _no_level(spec: ImageSpec, levels: list[str]) -> InputImageError:
+    return InputImageError(
+        f"input.level: {spec.level}, but {fs.redact(spec.path)} holds {len(levels)} pyramid "
+        f"level{'s' * (len(levels) > 1)} ({'; '.join(f'{i}: {text}' for i, text in enumerate(levels[:8]))}); "
+        f"expected 0 to {len(levels) - 1}"
     )
 
 

@@ -90,3 +90,25 @@ def test_a_rerun_with_overwrite_replaces_the_export_it_wrote(tmp_path) -> None:
     assert _run(workflow).returncode == 0
     assert _run(workflow).returncode == 0  # listed with its hash in the first run's record
     assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_an_overview_of_a_geotiff_as_input_keeps_its_place_on_the_map(tmp_path) -> None:
+    source = shared_data("aerial", "spacenet_geotiff_samples", "sample_geotiff.tif")
+    first = tmp_path / "first"
+    first.mkdir()
+    assert _run(_workflow(first, str(source))).returncode == 0
+    pyramidal = first / "out" / "labels.tif"  # a GeoTIFF with overviews, as GDAL or this pipeline writes one
+    raw = yaml.safe_load(_workflow(tmp_path, str(pyramidal)).read_text())
+    raw["input"]["level"] = 1
+    raw["model"]["normalize"] = {"mean": 0, "std": 1}
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump(raw))
+    done = _run(tmp_path / "w.yaml")
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "(pyramid level 1)" in done.stdout and "GeoTIFF, level 1" in done.stdout
+    with rasterio.open(pyramidal) as src, rasterio.open(tmp_path / "out" / "labels.tif") as out:
+        assert out.crs == src.crs
+        assert out.shape == tuple(-(-n // 2) for n in src.shape)
+        fy, fx = src.height / out.height, src.width / out.width
+        expected = src.transform @ rasterio.Affine.scale(fx, fy)  # the same extent in coarser pixels
+        assert out.transform.almost_equals(expected, precision=1e-9)
+        assert out.bounds == pytest.approx(src.bounds)

@@ -107,3 +107,37 @@ def test_real_isbi_png_slice() -> None:
     path = shared_data("microscopy", "isbi2012_em_membranes", "images", "0.png")
     reader = open_image(ImageSpec(str(path)))
     assert reader.shape == (512, 512) and reader.dtype == np.uint8
+
+
+def test_a_pyramid_level_of_an_ome_tiff_and_of_an_ome_zarr_is_read_with_its_pixel_size(tmp_path, rng) -> None:
+    from pipeline.io.coordinates import read_pixel_grid
+
+    full = rng.integers(0, 255, (256, 320), dtype=np.uint8)
+    levels = [full, full[::2, ::2].copy(), full[::4, ::4].copy()]
+    path = tmp_path / "pyr.ome.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(levels[0], subifds=2, tile=(64, 64), metadata={
+            "axes": "YX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25, "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm",
+        })  # fmt: skip
+        for level in levels[1:]:
+            tif.write(level, subfiletype=1, tile=(64, 64))
+    for k, level in enumerate(levels):
+        reader = open_image(ImageSpec(str(path), level=k))
+        assert reader.shape == level.shape
+        np.testing.assert_array_equal(reader.read((slice(10, 50), slice(3, 60)))[0], level[10:50, 3:60])
+        grid = read_pixel_grid(reader)
+        assert grid.scale == (0.25 * 2**k,) * 2 and grid.units == ("micrometer",) * 2
+    with pytest.raises(InputImageError, match=r"input.level: 3, but .*pyr.ome.tif holds 3 pyramid levels \(0: 256 x 320; 1: 128 x 160; 2: 64 x 80\)"):
+        open_image(ImageSpec(str(path), level=3))
+    with pytest.raises(InputImageError, match=r"input.level: 1, but .*flat.tif holds 1 pyramid level \(0: 40 x 48\)"):
+        open_image(ImageSpec(str(_write(tmp_path, "flat.tif", full[:40, :48])), level=1))
+    group = zarr.open_group(str(tmp_path / "image.zarr"), mode="w")  # an OME-Zarr image as others write it
+    axes = [{"name": "y", "type": "space", "unit": "nanometer"}, {"name": "x", "type": "space", "unit": "nanometer"}]
+    datasets = [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [4.0 * 2**k] * 2}]} for k in range(3)]
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets}]}
+    for k, level in enumerate(levels):
+        group.create_array(str(k), data=level, chunks=(32, 32))
+    reader = open_image(ImageSpec(str(tmp_path / "image.zarr"), level=2))
+    np.testing.assert_array_equal(reader.read((slice(None), slice(None)))[0], levels[2])
+    grid = read_pixel_grid(reader)
+    assert grid.scale == (16.0, 16.0) and grid.units == ("nanometer",) * 2 and grid.source == "OME-Zarr, level 2"
