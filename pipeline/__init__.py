@@ -1,6 +1,6 @@
 """Segment gigapixel images with mirrored overlap-tile inference on Dask.
 
-The Python interface (:mod:`pipeline.api`): ``open_image``, ``open_labels`` and ``run``,
+The Python interface (:mod:`pipeline.api`): ``open_image``, ``open_labels``, ``open_probabilities`` and ``run``,
 imported on first use so that ``import pipeline`` (and the command line) stays light.
 """
 
@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["open_image", "open_labels", "run"]
+__all__ = ["open_image", "open_labels", "open_probabilities", "run"]
 
 
 def __getattr__(name: str) -> Any:

@@ -76,6 +76,18 @@ def open_labels(
     return labels
 
 
+def open_probabilities(path: str | Path, *, storage_options: Mapping[str, Any] | None = None) -> xr.DataArray:
+    """The per-class probabilities of a complete label volume written with
+    ``output.probabilities``, as ``(c, [z,] y, x)`` floats in [0, 1] with the classes as ``c``."""
+    labels = open_labels(path, storage_options=storage_options)
+    stored, attributes = open_level(str(path), 0, array="probabilities")
+    about = attributes.get("probabilities") or {}
+    data = da.from_zarr(stored).astype("float32") / float(about.get("scale", 1))
+    found = xr.DataArray(data, dims=("c", *labels.dims), coords={"c": about.get("classes"), **labels.coords}, name=labels.name)
+    found.attrs["status"] = labels.attrs["status"]
+    return found
+
+
 def run(
     workflow: str | Path | Mapping[str, Any], *, resume: bool = False, show_progress: bool = True
 ) -> xr.DataArray | dict[str, xr.DataArray]:

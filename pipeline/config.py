@@ -425,11 +425,24 @@ class OutputConfig(Section):
         description="also write the labels as a tiled GeoTIFF beside the volume (slide.zarr -> slide.tif), "
         "with the pyramid as overviews and a GeoTIFF input's georeference",
     )
+    probabilities: Literal[False, True, "uint8", "float16"] = Field(
+        default=False,
+        description="also store per-class probabilities (softmax of the logits) as array "
+        "'probabilities' (c, [z,] y, x) in the volume: uint8 (true: 255 = 1.0) or float16",
+    )
     classes: list[ClassConfig] | None = Field(
         default=None,
         description="class names (and colours) in id order for the OME-Zarr image-label metadata; "
         "default: evaluation.classes",
     )
+
+
+    @property
+    def probability_dtype(self) -> Literal["uint8", "float16"] | None:
+        """How probabilities are stored; None: not stored."""
+        if self.probabilities is False:
+            return None
+        return "uint8" if self.probabilities is True else self.probabilities
 
 
 class EvaluationConfig(Section):

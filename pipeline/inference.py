@@ -25,10 +25,11 @@ from .errors import NonFiniteOutputError
 from .geometry import Box
 from .io import fs
 from .io.images import ImageSpec, open_image
-from .io.labels import mark_block_done, write_block
+from .io.labels import mark_block_done, write_block, write_probabilities
 from .mirror import read_mirrored
 from .models.loading import load_model
 from .nonfinite import apply_policy
+from .probabilities import ProbabilityDtype, encode, one_hot, softmax
 from .runtime import Runtime, choose_batch_size, forward, prepare_module
 from .skipping import SkipRule, constant_labels
 from .tiling import Block, TilePlan
@@ -51,6 +52,7 @@ class InferenceSpec:
     skip: SkipRule | None = None  # tiling.skip: the rules checked on each read box, the skip class
     compute_slots: int | None = None  # forward passes a worker runs at once; None: one per thread
     release_above: int | None = None  # a worker's resident bytes beyond which its free heap is released
+    probabilities: ProbabilityDtype | None = None  # also store per-class probabilities, so encoded
 
 
 @dataclass(frozen=True)
@@ -83,16 +85,26 @@ def run_block(index: tuple[int, ...], spec: InferenceSpec) -> BlockResult:
         counted=block.write, context=f", read for block {block.index}",
     )  # fmt: skip
     skipped = spec.skip is not None and spec.skip.skips(raw)  # tiling.skip: background, no model
+    probabilities = None
     if spec.skip is not None and skipped:
         labels = constant_labels(block.write.shape, spec.skip.label, spec.label_dtype)
+        if spec.probabilities:
+            probabilities = one_hot(spec.skip.label, spec.model.num_classes, block.write.shape, spec.probabilities)
     else:
         x = normalise(raw, spec.normalize)
         try:
             with compute_slot(spec.compute_slots):  # the other threads read and write meanwhile
-                labels = predict_block(x, block, spec.plan, module, runtime, output="labels")
+                if spec.probabilities:
+                    logits = predict_block(x, block, spec.plan, module, runtime, output="logits")
+                    labels = logits.argmax(axis=0)  # of the logits: first maximum, as torch's argmax
+                    probabilities = encode(softmax(logits), spec.probabilities)
+                else:
+                    labels = predict_block(x, block, spec.plan, module, runtime, output="labels")
         except NonFiniteOutputError as exc:
             raise NonFiniteOutputError(f"model {model_label(spec.model)} {exc}") from None
     write_block(spec.output_path, spec.run_id, block.write, labels.astype(spec.label_dtype))
+    if probabilities is not None:
+        write_probabilities(spec.output_path, spec.run_id, block.write, probabilities)
     mark_block_done(spec.output_path, spec.run_id, block.index)  # only after the chunk is written
     release_heap_above(spec.release_above)  # holes that concurrent passes left in the heap
     seconds = time.perf_counter() - start

@@ -407,6 +407,11 @@ def describe_plan(p: Prepared, evaluation: bool = True) -> str:
         f"memory     {_memory_line(p)}",
         f"output     {fs.redact(wf.output.path)} ({p.label_dtype}, {_layout(wf, plan.block_shape)})",
         f"           {_pyramid_line(p)}",
+        *(
+            [f"           per-class probabilities ({wf.output.probability_dtype}"
+             f"{', 255 = 1.0' if wf.output.probability_dtype == 'uint8' else ''}) in its array 'probabilities'"]
+            if wf.output.probability_dtype else []
+        ),
         f"pixels     {describe_grid(p.pixel_grid)}",
     ]
     if wf.output.geotiff:

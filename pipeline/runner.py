@@ -28,6 +28,7 @@ from .io import fs
 from .io.geotiff import geotiff_path, write_geotiff
 from .io.images import ImageSpec, pinned_version
 from .io.labels import (
+    PROBABILITIES,
     changed_fingerprints,
     check_run,
     create_label_volume,
@@ -58,6 +59,7 @@ from .planning import (
     storage_rules,
     truth_spec,
 )
+from .probabilities import UINT8_SCALE
 from .progress import Progress, format_seconds
 from .provenance import public_workflow, run_document, run_fingerprints
 from .report import UNTRAINED_NOTE, format_table, write_json
@@ -416,6 +418,7 @@ def _run_connected(
             ) from None
         record = check_run(wf.output.path, run_id)
         pyramid: dict[str, Any] = record.get("pyramid") or {}  # as the volume was created: a resumed run keeps its layout
+        probabilities = record.get("probabilities")
         normalize = NormalizeConfig.model_validate(record["normalization"], strict=False)
         choice = _kept_memory_format(choice, record)
         print(
@@ -429,6 +432,7 @@ def _run_connected(
         if not prepared.normalize.fixed:
             print(f"normalise  resolved: {describe_normalization(normalize)}", file=out, flush=True)
         pyramid = {"levels": len(prepared.pyramid), "downsampling": wf.output.downsampling}
+        probabilities = wf.output.probability_dtype
         run_id = create_label_volume(
             wf.output.path,
             shape=plan.image_shape,
@@ -440,6 +444,7 @@ def _run_connected(
                 "fingerprints": fingerprints,
                 "pyramid": pyramid,
                 "pixels": prepared.pixel_grid.as_dict(),
+                "probabilities": probabilities,
             },
             overwrite=wf.output.overwrite,
             reports=reports,
@@ -447,7 +452,8 @@ def _run_connected(
             sharded=wf.output.shard,
             pyramid=prepared.pyramid,
             ome=_ome_attributes(wf, prepared),
-            attributes=_geo_attributes(prepared),
+            attributes={**_geo_attributes(prepared), **_probability_attributes(wf)},
+            probabilities=(wf.model.num_classes, probabilities) if probabilities else None,
         )
     timings["normalization"] = time.perf_counter() - t
     state.run_id = run_id
@@ -467,6 +473,7 @@ def _run_connected(
         release_above=_heap_bound(conn, wf, prepared, choice),
         fill_value=non_finite_fill(wf),
         skip=prepared.skip.rule if prepared.skip else None,
+        probabilities=probabilities,
     )
     masked = prepared.skip.masked if prepared.skip else frozenset()
     todo = [i for i in plan.block_indices() if i not in done]  # indices only: cheap at 10^5 blocks
@@ -547,6 +554,23 @@ def _ome_attributes(wf: Workflow, prepared: Prepared) -> dict[str, Any]:
         [c.name for c in classes] if classes else None,
         [c.colour for c in classes] if classes else None,
     )
+
+
+def _probability_attributes(wf: Workflow) -> dict[str, Any]:
+    """How to read the ``probabilities`` array: its axes, encoding and classes."""
+    dtype = wf.output.probability_dtype
+    if dtype is None:
+        return {}
+    classes = wf.output.classes or (wf.evaluation.classes if wf.evaluation is not None else None)
+    return {
+        "probabilities": {
+            "array": PROBABILITIES,
+            "dtype": dtype,
+            "scale": UINT8_SCALE if dtype == "uint8" else 1,
+            "meaning": "softmax of the logits per class; stored value / scale = probability",
+            "classes": [c.name for c in classes] if classes else [f"class {k}" for k in range(wf.model.num_classes)],
+        }
+    }
 
 
 def _geo_attributes(prepared: Prepared) -> dict[str, Any]:

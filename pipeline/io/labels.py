@@ -50,7 +50,8 @@ from . import fs, ownership
 
 LABEL_ARRAY = "0"
 LEDGER = "blocks"
-ARRAYS = (LABEL_ARRAY, LEDGER)
+PROBABILITIES = "probabilities"  # (c, [z,] y, x): per-class probabilities, when asked for
+ARRAYS = (LABEL_ARRAY, LEDGER, PROBABILITIES)
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
 # zarr's LocalStore writes through "<name>.<uuid hex>.partial" files: an interrupted write leaves one
@@ -158,6 +159,7 @@ def create_label_volume(
     pyramid: Sequence[tuple[int, ...]] = (),
     ome: dict[str, Any] | None = None,
     attributes: dict[str, Any] | None = None,
+    probabilities: tuple[int, str] | None = None,
 ) -> str:
     """Create the group and an empty label array, marked ``running``; returns the run id.
 
@@ -167,7 +169,8 @@ def create_label_volume(
     shapes of the levels after the first (arrays ``1``, ``2``, ..., chunked like
     ``inner_chunks``), computed once every block is written (:mod:`.ome`); ``ome``: the
     group's OME-NGFF attribute (default: one level, unit-less pixels); ``attributes``: more
-    group attributes (a georeference). Call under
+    group attributes (a georeference); ``probabilities``: ``(classes, dtype)`` of a
+    ``probabilities`` array ``(c, *shape)`` chunked like the labels along space. Call under
     :func:`pipeline.io.locks.output_lock`: the check and the replacement must not
     interleave with another run's.
     """
@@ -200,6 +203,17 @@ def create_label_volume(
                 dtype=dtype,
                 fill_value=0,
                 dimension_names=[a["name"] for a in axes],
+            )
+        if probabilities is not None:
+            classes, probability_dtype = probabilities
+            group.create_array(
+                PROBABILITIES,
+                shape=(classes, *shape),
+                chunks=(classes, *inner),
+                shards=(classes, *chunks) if sharded else None,
+                dtype=probability_dtype,
+                fill_value=0,
+                dimension_names=["c", *(a["name"] for a in axes)],
             )
         group.create_array(
             LEDGER,
@@ -333,6 +347,16 @@ def write_block(path: str, run_id: str, box: Box, labels: np.ndarray) -> None:
     if labels.shape != box.shape:
         raise ValueError(f"labels of shape {labels.shape} for box {box}")
     array[box.slices()] = labels
+
+
+def write_probabilities(path: str, run_id: str, box: Box, probabilities: np.ndarray) -> None:
+    """Write one block's ``(c, *box.shape)`` probabilities, as :func:`write_block` its labels."""
+    check_run(path, run_id)
+    array = open_for_write(path, run_id, PROBABILITIES)
+    check_chunk_aligned(box, tuple(array.shape[1:]), tuple((array.shards or array.chunks)[1:]))
+    if probabilities.shape[1:] != box.shape:
+        raise ValueError(f"probabilities of shape {probabilities.shape} for box {box}")
+    array[(slice(None),) + box.slices()] = probabilities
 
 
 def check_chunk_aligned(box: Box, shape: tuple[int, ...], chunks: tuple[int, ...]) -> None:

@@ -93,11 +93,16 @@ def label_group_attributes(
     return {"version": NGFF_VERSION, "multiscales": [multiscale], "image-label": image_label}
 
 
-def open_level(path: str, level: int) -> tuple[zarr.Array, dict[str, Any]]:
-    """Pyramid ``level`` of the complete label volume at ``path``, and the group's attributes."""
+def open_level(path: str, level: int, array: str | None = None) -> tuple[zarr.Array, dict[str, Any]]:
+    """Pyramid ``level`` of the complete label volume at ``path`` (or its other ``array``,
+    e.g. ``probabilities``), and the group's attributes."""
     open_label_volume(path)  # refuses an unfinished volume, or one this pipeline did not write
     group = zarr.open_group(store=fs.zarr_store(path, read_only=True), mode="r")
     attributes: dict[str, Any] = dict(group.attrs)
+    if array is not None:
+        if array not in group or not isinstance(group[array], zarr.Array):
+            raise ValueError(f"{fs.redact(path)} holds no array {array!r} (written with output.probabilities only)")
+        return group[array], attributes
     datasets = attributes.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [{"path": "0"}])
     if not 0 <= level < len(datasets):
         raise ValueError(f"{fs.redact(path)}: level {level}; the volume has levels 0 to {len(datasets) - 1}")
