@@ -100,9 +100,10 @@ def open_level(path: str, level: int, array: str | None = None) -> tuple[zarr.Ar
     group = zarr.open_group(store=fs.zarr_store(path, read_only=True), mode="r")
     attributes: dict[str, Any] = dict(group.attrs)
     if array is not None:
-        if array not in group or not isinstance(group[array], zarr.Array):
+        other = group.get(array)
+        if not isinstance(other, zarr.Array):
             raise ValueError(f"{fs.redact(path)} holds no array {array!r} (written with output.probabilities only)")
-        return group[array], attributes
+        return other, attributes
     datasets = attributes.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [{"path": "0"}])
     if not 0 <= level < len(datasets):
         raise ValueError(f"{fs.redact(path)}: level {level}; the volume has levels 0 to {len(datasets) - 1}")
