@@ -107,10 +107,10 @@ def open_level(path: str, level: int, array: str | None = None) -> tuple[zarr.Ar
     datasets = attributes.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [{"path": "0"}])
     if not 0 <= level < len(datasets):
         raise ValueError(f"{fs.redact(path)}: level {level}; the volume has levels 0 to {len(datasets) - 1}")
-    array = group[datasets[level]["path"]]
-    if not isinstance(array, zarr.Array):
+    found = group[datasets[level]["path"]]
+    if not isinstance(found, zarr.Array):
         raise ValueError(f"{fs.redact(path)}: level {level} is not an array")
-    return array, attributes
+    return found, attributes
 
 
 def level_chunk_indices(path: str, level: int) -> list[tuple[int, ...]]:
