@@ -105,8 +105,9 @@ def test_isbi_slices_as_a_stack_equal_the_same_slices_run_one_by_one(tmp_path) -
     assert [a["name"] for a in volume.attrs["ome"]["multiscales"][0]["axes"]] == ["z", "y", "x"]
     assert volume["1"].shape == (5, 256, 256)  # the pyramid keeps every plane
     for k in range(5):
-        alone = zarr.open_group(str(tmp_path / "slices" / f"{k}.zarr"), mode="r")["0"][:]
-        np.testing.assert_array_equal(volume["0"][k], alone)
+        alone = zarr.open_group(str(tmp_path / "slices" / f"{k}.zarr"), mode="r")
+        np.testing.assert_array_equal(volume["0"][k], alone["0"][:])
+        np.testing.assert_array_equal(volume["1"][k], alone["1"][:])  # the stack's pyramid, plane by plane
     stacked = json.loads((tmp_path / "stack.evaluation.json").read_text())
     separate = json.loads((tmp_path / "slices" / "evaluation.json").read_text())
     assert stacked["pooled"]["confusion_matrix"] == separate["pooled"]["confusion_matrix"]

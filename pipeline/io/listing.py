@@ -38,8 +38,10 @@ def names_many(path: str | Sequence[str]) -> bool:
     not itself a zarr image."""
     if not isinstance(path, str):
         return True
-    if is_pattern(path):
-        return True
+    if any(ch in path for ch in WILDCARDS):
+        return is_pattern(path)
+    if not fs.is_local(path) and _is_image(path):
+        return False  # an image by its name: no query to a store before the run's own checks
     return fs.is_dir(path) and not is_zarr(path)
 
 
