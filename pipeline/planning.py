@@ -28,6 +28,7 @@ from .io.labels import check_output_free, is_label_volume, label_dtype, recorded
 from .io.listing import fixed_folder
 from .io.locations import check_not_an_input, check_writable
 from .io.locks import check_unlocked, store_lock_path
+from .io.ome import check_label_group, label_image_name
 from .models.loading import LoadedModel, check_declared_halo, load_model, needs_halo_probe
 from .models.probe import probe_size
 from .probe_samples import probe_samples
@@ -195,9 +196,19 @@ def protected_inputs(wf: Workflow) -> dict[str, str | None]:
     }
 
 
+def label_name_in_input(wf: Workflow) -> str | None:
+    """The name, when the output is ``<input>/labels/<name>`` of an OME-Zarr input image."""
+    return label_image_name(wf.output.path, wf.input.image_path)
+
+
 def check_output_location(wf: Workflow) -> None:
-    """The output and its report files: not an input, somewhere writable."""
+    """The output and its report files: not an input (except the labels group of an
+    OME-Zarr input image, where label images belong), somewhere writable."""
     inputs = protected_inputs(wf)
+    name = label_name_in_input(wf)
+    if name is not None:
+        check_label_group(wf.input.image_path, name)
+        inputs = {k: v for k, v in inputs.items() if k != "input.path"}
     check_not_an_input(wf.output.path, "output.path", inputs)
     for report in report_files(wf):
         check_not_an_input(report, "output.path (its report file)", inputs)

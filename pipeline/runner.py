@@ -40,7 +40,7 @@ from .io.labels import (
     resume_label_volume,
 )
 from .io.locks import output_lock
-from .io.ome import label_group_attributes
+from .io.ome import label_group_attributes, register_label
 from .metrics import Scores
 from .normalization import resolve_normalization
 from .planning import (
@@ -51,6 +51,7 @@ from .planning import (
     evaluation_spec,
     ignore_mask_spec,
     input_spec,
+    label_name_in_input,
     non_finite_fill,
     prepare,
     replan,
@@ -528,6 +529,9 @@ def _run_connected(
             flush=True,
         )
     mark_complete(wf.output.path, run_id, summary)
+    name = label_name_in_input(wf)
+    if name is not None:  # listed beside the image only now that it is complete
+        register_label(wf.input.image_path, name)
     state.status = "complete"
     print(counts.describe(), file=out, flush=True)
     print(f"labels     {fs.redact(wf.output.path)} (complete)", file=out, flush=True)
@@ -553,6 +557,7 @@ def _ome_attributes(wf: Workflow, prepared: Prepared) -> dict[str, Any]:
         wf.model.num_classes,
         [c.name for c in classes] if classes else None,
         [c.colour for c in classes] if classes else None,
+        source_image="../../" if label_name_in_input(wf) is not None else None,
     )
 
 

@@ -17,6 +17,7 @@ or a resumed run, writes the same bytes.
 from __future__ import annotations
 
 import colorsys
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ import zarr
 
 from ..coordinates import PixelGrid, level_transformations
 from ..downsample import FACTOR, Downsampling, downsample, level_offset, level_scale
+from ..errors import OutputExistsError
 from ..geometry import Box
 from . import fs
 from .labels import check_chunk_aligned, check_run, open_for_write, open_label_volume
@@ -91,6 +93,82 @@ def label_group_attributes(
         "metadata": {"method": "pipeline.downsample", "description": f"{downsampling} of 2 x 2 windows (y, x) per level"},
     }
     return {"version": NGFF_VERSION, "multiscales": [multiscale], "image-label": image_label}
+
+
+LABELS_GROUP = "labels"
+
+
+def label_image_name(output: str, image: str) -> str | None:
+    """``name`` when ``output`` is ``<image>/labels/<name>`` of the OME-Zarr image at ``image``
+    (where the specification puts an image's label images), else None."""
+    if fs.is_local(output) != fs.is_local(image):
+        return None
+    if fs.is_local(output):
+        out, source = fs.location(output), fs.location(image)
+    else:
+        out, source = fs.bare_url(output), fs.bare_url(image)
+    prefix = source.rstrip("/") + f"/{LABELS_GROUP}/"
+    name = out[len(prefix) :] if out.startswith(prefix) else ""
+    if not name or "/" in name or name in (".", ".."):
+        return None
+    return name if _multiscales(image) is not None else None
+
+
+def check_label_group(image: str, name: str) -> None:
+    """Labels may go into ``<image>/labels/`` only of an OME-NGFF 0.5 (zarr 3) image whose
+    ``labels`` group, if there is one, is a group this pipeline can add a name to."""
+    if not fs.is_file(fs.join(image, "zarr.json")):
+        raise OutputExistsError(
+            f"output.path: {fs.redact(image)} is an OME-NGFF 0.4 (zarr 2) image; label images inside it "
+            f"must be zarr 2 too, which this pipeline does not write: choose an output outside the image"
+        )
+    _label_names(image)  # readable, or an error naming the group
+
+
+def register_label(image: str, name: str) -> None:
+    """List ``name`` in the image's ``labels`` group (created if missing), once its volume is
+    complete: a viewer finds only finished label images. The image's own arrays and
+    metadata are never touched."""
+    names = _label_names(image)
+    if name in names:
+        return
+    path = fs.join(image, LABELS_GROUP)
+    with fs.storage_errors("output.path", path, "write"):
+        group = zarr.open_group(store=fs.zarr_store(path, read_only=False), mode="a", zarr_format=3)
+        existing = group.attrs.get("ome")
+        ome = dict(existing) if isinstance(existing, dict) else {"version": NGFF_VERSION}
+        ome["labels"] = [*names, name]
+        group.attrs["ome"] = ome
+
+
+def _label_names(image: str) -> list[str]:
+    """The names the image's ``labels`` group lists (none when it has no such group)."""
+    path = fs.join(image, LABELS_GROUP, "zarr.json")
+    with fs.storage_errors("output.path", path):
+        if not fs.exists(path):
+            return []
+        try:
+            document = json.loads(fs.read_bytes(path))
+            names = (document.get("attributes", {}).get("ome") or {}).get("labels", [])
+            if document.get("node_type") != "group" or not isinstance(names, list):
+                raise ValueError("not a group listing label images")
+        except (ValueError, AttributeError) as exc:
+            raise OutputExistsError(
+                f"output.path: {fs.redact(path)} is not an OME-Zarr labels group ({exc}); refusing to change it"
+            ) from None
+    return [str(n) for n in names]
+
+
+def _multiscales(image: str) -> list[Any] | None:
+    for name in ("zarr.json", ".zattrs"):
+        try:
+            document = json.loads(fs.read_bytes(fs.join(image, name)))
+        except (OSError, ValueError):
+            continue
+        attributes = document.get("attributes", {}) if name == "zarr.json" else document
+        found = (attributes.get("ome") or {}).get("multiscales") or attributes.get("multiscales")
+        return found if isinstance(found, list) and found else None
+    return None
 
 
 def open_level(path: str, level: int, array: str | None = None) -> tuple[zarr.Array, dict[str, Any]]:

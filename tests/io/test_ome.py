@@ -33,6 +33,12 @@ PIPELINE = str(Path(sys.executable).parent / "pipeline")
 
 
 def _run(tmp_path: Path, image: str, output: dict, **sections) -> Path:
+    done = _pipeline_run(tmp_path, image, output, **sections)
+    assert done.returncode == 0, done.stderr + done.stdout
+    return tmp_path / output.get("path", "labels.zarr")
+
+
+def _pipeline_run(tmp_path: Path, image: str, output: dict, **sections) -> subprocess.CompletedProcess:
     raw = {
         "input": {"path": image},
         "model": {"arch": "unet", "depth": 2, "width": 4, "num_classes": 3, "normalize": {"mean": 100, "std": 60}},
@@ -43,9 +49,7 @@ def _run(tmp_path: Path, image: str, output: dict, **sections) -> Path:
     }
     workflow = tmp_path / "w.yaml"
     workflow.write_text(yaml.safe_dump(raw))
-    done = subprocess.run([PIPELINE, "run", str(workflow)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr + done.stdout
-    return tmp_path / "labels.zarr"
+    return subprocess.run([PIPELINE, "run", str(workflow)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
 def _attributes(volume: Path) -> dict:
@@ -152,3 +156,58 @@ def test_a_geotiffs_crs_and_transform_reach_the_labels_as_rasterio_reads_them(tm
     assert multiscale["datasets"][0]["coordinateTransformations"][0]["scale"] == [abs(transform.e), transform.a]
     assert {a["unit"] for a in multiscale["axes"]} == {"meter"}
     assert attributes["pipeline"]["pixels"]["georeference"]["crs"] == geo["crs"]  # in the signed record too
+
+
+def _ome_zarr_image(path: Path, data: np.ndarray) -> None:
+    """An OME-NGFF 0.5 image as other tools write it (two levels)."""
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    axes = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
+    datasets = [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [0.5 * 2**k] * 2}]} for k in range(2)]
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets}]}
+    group.create_array("0", data=data, chunks=(32, 32), dimension_names=["y", "x"])
+    group.create_array("1", data=data[::2, ::2], chunks=(32, 32), dimension_names=["y", "x"])
+
+
+def _tree_bytes(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and "labels" not in p.parts}
+
+
+def test_labels_written_into_an_ome_zarr_inputs_labels_group_as_the_specification_intends(tmp_path) -> None:
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    data = np.random.default_rng(3).integers(0, 255, (96, 80), dtype=np.uint8)
+    _ome_zarr_image(tmp_path / "img.zarr", data)
+    before = _tree_bytes(tmp_path / "img.zarr")
+    volume = _run(tmp_path, "img.zarr", {"path": "img.zarr/labels/cells"})
+    assert volume == tmp_path / "img.zarr" / "labels" / "cells"
+    assert _tree_bytes(tmp_path / "img.zarr") == before  # the image itself is untouched
+    labels_group = zarr.open_group(tmp_path / "img.zarr" / "labels", mode="r")
+    assert labels_group.attrs["ome"]["labels"] == ["cells"]
+    label = zarr.open_group(volume, mode="r")
+    ImageLabel.from_zarr(label)
+    assert label.attrs["ome"]["image-label"]["source"] == {"image": "../../"}
+    Image.from_zarr(zarr.open_group(tmp_path / "img.zarr", mode="r"))  # still a valid image, now with labels
+    nodes = list(Reader(parse_url(str(tmp_path / "img.zarr")))())
+    assert any("cells" in str(node.zarr) for node in nodes[1:])  # the reader finds the label image
+    # A second label image joins the list; a rerun of the first replaces it without listing it twice.
+    _run(tmp_path, "img.zarr", {"path": "img.zarr/labels/other"})
+    _run(tmp_path, "img.zarr", {"path": "img.zarr/labels/cells", "overwrite": True})
+    assert zarr.open_group(tmp_path / "img.zarr" / "labels", mode="r").attrs["ome"]["labels"] == ["cells", "other"]
+
+
+def test_labels_elsewhere_inside_an_input_or_inside_a_zarr_2_image_are_refused(tmp_path) -> None:
+    data = np.random.default_rng(3).integers(0, 255, (64, 64), dtype=np.uint8)
+    _ome_zarr_image(tmp_path / "img.zarr", data)
+    for inside in ("img.zarr/cells", "img.zarr/labels/a/b"):
+        done = _pipeline_run(tmp_path, "img.zarr", {"path": inside})
+        assert done.returncode == 2 and "lies inside the input.path" in done.stderr, done.stderr
+    old = zarr.open_group(tmp_path / "old.zarr", mode="w", zarr_format=2)
+    old.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+                                 "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1]}]}]}]  # fmt: skip
+    old.create_array("0", data=data, chunks=(32, 32))
+    done = _pipeline_run(tmp_path, "old.zarr", {"path": "old.zarr/labels/cells"})
+    assert done.returncode == 2 and "OME-NGFF 0.4 (zarr 2) image" in done.stderr, done.stderr
+    assert not (tmp_path / "old.zarr" / "labels").exists()
