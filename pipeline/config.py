@@ -258,6 +258,9 @@ class UNetConfig(ModelBase):
     width: int = Field(default=64, ge=1)
     padding: Literal["same", "valid"] = "same"
     batch_norm: bool = False
+    dims: Literal[2, 3] = Field(
+        default=2, description="2: planes (a stack plane by plane); 3: a 3D U-Net on 3D tiles of a stack"
+    )
     seed: int = Field(default=0, ge=0, description="initialisation seed when path is null")
 
 

@@ -227,6 +227,11 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
             + (" (set input.channel_axis for a multi-channel image)" if image.channels == 1 else "")
         )
     model = load_model(cfg, "cpu")
+    if model.geometry.dims > len(image.shape):
+        raise PipelineError(
+            f"model.dims: {model.geometry.dims}, but {fs.redact(wf.input.image_path)} has spatial shape "
+            f"{image.shape}; a 3D network needs a stack (z, y, x)"
+        )
     normalize = effective_normalization(wf, model)
     for name in ("mean", "std"):
         value = getattr(normalize, name)

@@ -70,9 +70,15 @@ def resolve_device(requested: str, worker_index: int | None = None) -> str:
 def prepare_module(module: nn.Module, runtime: Runtime) -> nn.Module:
     module = module.to(runtime.device)
     if runtime.channels_last:
+        volumetric = any(p.dim() == 5 for p in module.parameters())
         # torch documents Module.to(memory_format=...); its overload stubs omit it.
-        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        module = module.to(memory_format=channels_last_format(5 if volumetric else 4))  # type: ignore[call-overload]
     return module.eval()
+
+
+def channels_last_format(ndim: int) -> torch.memory_format:
+    """Channels-last for a tensor of ``ndim`` axes: NHWC for images, NDHWC for volumes."""
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
 
 
 def forward(module: nn.Module, batch: np.ndarray, runtime: Runtime) -> torch.Tensor:
@@ -83,7 +89,7 @@ def forward(module: nn.Module, batch: np.ndarray, runtime: Runtime) -> torch.Ten
     else:
         x = x.to(runtime.device)
     if runtime.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=channels_last_format(x.dim()))
     dtype = PRECISIONS[runtime.precision]
     device_type = "cuda" if runtime.cuda else "cpu"
     transforms = TTA_TRANSFORMS[runtime.tta]

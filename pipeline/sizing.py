@@ -61,14 +61,16 @@ class Budget:
 
 
 def task_memory(image: ImageReader, model: LoadedModel, batch: int) -> TaskMemory:
-    probe = FootprintProbe(model.module, model.in_channels, small_edge(model.geometry))
+    probe = FootprintProbe(model.module, model.in_channels, small_edge(model.geometry), dims=model.geometry.dims)
     return TaskMemory(probe, image.channels, image.dtype.itemsize, batch)
 
 
 def small_edge(geometry: NetworkGeometry) -> int:
-    """A legal input edge near SMALL_EDGE (for models measured on the CPU)."""
+    """A legal input edge near SMALL_EDGE (for models measured on the CPU; a cube of about
+    as many voxels as SMALL_EDGE's square has pixels for a 3D network)."""
+    target = SMALL_EDGE if geometry.dims == 2 else round(SMALL_EDGE ** (2 / geometry.dims))
     size = geometry.size_min
-    while size < SMALL_EDGE and (geometry.size_max is None or size + geometry.size_step <= geometry.size_max):
+    while size < target and (geometry.size_max is None or size + geometry.size_step <= geometry.size_max):
         size += geometry.size_step
     return size
 

@@ -136,7 +136,7 @@ def choose_runtime(
 def calibration_size(geometry: NetworkGeometry) -> int:
     """The largest legal input edge within CALIBRATION_PIXELS: the same for every image and
     tile, so a measurement cached for a model serves all its runs on the machine."""
-    target = int(math.isqrt(CALIBRATION_PIXELS))
+    target = round(CALIBRATION_PIXELS ** (1 / geometry.dims))  # a cube for a 3D network
     size = geometry.size_min
     while size + geometry.size_step <= target and (geometry.size_max is None or size + geometry.size_step <= geometry.size_max):
         size += geometry.size_step
@@ -152,8 +152,9 @@ def _measure(
     formats: tuple[bool, ...],
 ) -> RuntimeChoice:
     """Formats first at the most concurrent split, then the splits in the faster format."""
-    out_pixels = (size - 2 * geometry.trim) ** 2
-    x = np.random.default_rng(0).standard_normal((1, model.in_channels, size, size)).astype(np.float32)
+    out_pixels = (size - 2 * geometry.trim) ** geometry.dims
+    shape = (1, model.in_channels) + (size,) * geometry.dims
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     measured: list[tuple[str, float]] = []
 
     def rate(slots: int, threads: int, channels_last: bool) -> float:

@@ -114,3 +114,53 @@ def test_isbi_slices_as_a_stack_equal_the_same_slices_run_one_by_one(tmp_path) -
     assert stacked["regions"]["kind"] == "z-slices"
     per_slice = [r["iou"] for r in stacked["regions"]["per_region"]]  # per plane, as the slices alone
     assert per_slice == [e["iou"] for e in sorted(separate["per_image"], key=lambda e: int(e["name"]))]
+
+
+def test_a_3d_unet_tiled_in_3d_equals_one_forward_pass_over_the_whole_volume() -> None:
+    import torch
+
+    from pipeline.config import NormalizeConfig
+    from pipeline.inference import normalise
+    from pipeline.models.unet import UNet, unet_geometry
+
+    torch.manual_seed(0)
+    net = UNet(1, 3, depth=2, width=4, dims=3).eval()
+    geometry = unet_geometry(2, "same", dims=3)
+    assert geometry.dims == 3 and geometry.halo == 23
+    rng = np.random.default_rng(1)
+    zz, yy, xx = np.mgrid[:36, :44, :40]
+    volume = (120 + 60 * np.sin(zz / 5) * np.cos(yy / 7 + xx / 9) + rng.normal(0, 20, zz.shape)).clip(0, 255)
+    image = volume.astype(np.uint8)[None]
+    normalize = NormalizeConfig(mean=120.0, std=60.0)
+    plan = plan_tiles(image.shape[1:], geometry, tile=16, mirror="reflect", batch_size=2)
+    assert plan.plane_axes == 0 and plan.n_tiles == 3 * 3 * 3 and plan.read_shape == (64, 64, 64)
+    tiled = predict_image(image, net, plan, normalize, output="logits")
+    c, m = plan.context, geometry.tile_multiple
+    pads = tuple((c, c + (-n) % m) for n in plan.image_shape)  # mirrored, then to a legal size
+    padded = np.pad(image, ((0, 0), *pads), mode="reflect")
+    with torch.inference_mode():
+        whole = net(torch.from_numpy(normalise(padded, normalize))[None])[0].numpy()
+    whole = whole[(slice(None),) + tuple(slice(c, c + n) for n in plan.image_shape)]
+    np.testing.assert_allclose(tiled, whole, atol=1e-4, rtol=0)
+
+
+def test_a_3d_unet_runs_on_a_stack_through_pipeline_run(tmp_path) -> None:
+    stack = np.random.default_rng(3).integers(0, 255, (12, 40, 48), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, tile=(16, 16), metadata={"axes": "ZYX"})
+    model = {"arch": "unet", "dims": 3, "depth": 1, "width": 2, "num_classes": 2, "normalize": {"mean": 128.0, "std": 64.0}}
+    wf = write_workflow(
+        tmp_path / "wf.yaml", input={"path": str(tmp_path / "stack.tif")}, model=model, tiling={"tile": 16},
+        output={"path": str(tmp_path / "out.zarr")}, cluster={"n_workers": 1},
+    )  # fmt: skip
+    done = _run("run", str(wf))
+    assert done.returncode == 0, done.stderr
+    assert "3D U-Net (depth 1, same padding)" in done.stdout and "write box 12 x 16 x 16" in done.stdout
+    assert "tasks      1 x 3 x 3 = 9 blocks" in done.stdout  # 3D tiles, no plane axis
+    assert zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["0"].shape == (12, 40, 48)
+    flat = write_workflow(
+        tmp_path / "flat.yaml", input={"path": str(tmp_path / "flat.tif")}, model=model, tiling={"tile": 16},
+        output={"path": str(tmp_path / "flat.zarr")}, cluster={"n_workers": 1},
+    )  # fmt: skip
+    tifffile.imwrite(tmp_path / "flat.tif", stack[0])
+    refused = _run("validate", str(flat))
+    assert refused.returncode == 2 and "model.dims: 3, but" in refused.stderr and "needs a stack" in refused.stderr

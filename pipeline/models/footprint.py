@@ -104,14 +104,16 @@ class FootprintProbe:
     in_channels: int
     small_edge: int
     channels_last: bool = True
+    dims: int = 2  # spatial axes of the network's input: tiles are squares, or cubes
     _meta: nn.Module | None = field(default=None, init=False, repr=False)
     _meta_failed: bool = field(default=False, init=False, repr=False)
     _per_pixel: tuple[float, float] | None = field(default=None, init=False, repr=False)
     _cache: dict[tuple[int, int], Usage | None] = field(default_factory=dict, init=False, repr=False)
 
     def _input(self, batch: int, edge: int, device: str) -> torch.Tensor:
-        x = torch.zeros(batch, self.in_channels, edge, edge, device=device)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        x = torch.zeros((batch, self.in_channels) + (edge,) * self.dims, device=device)
+        fmt = torch.channels_last_3d if self.dims == 3 else torch.channels_last
+        return x.contiguous(memory_format=fmt) if self.channels_last else x
 
     def __call__(self, batch: int, edge: int) -> Usage | None:
         if (batch, edge) not in self._cache:
@@ -130,8 +132,9 @@ class FootprintProbe:
         try:
             if self._per_pixel is None:
                 peak, largest = _count(self.module, self._input(1, self.small_edge, "cpu"))
-                self._per_pixel = (peak / self.small_edge**2, largest / self.small_edge**2)
+                voxels = self.small_edge**self.dims
+                self._per_pixel = (peak / voxels, largest / voxels)
         except Exception:
             return None
-        pixels = batch * edge * edge
+        pixels = batch * edge**self.dims
         return Usage(SLACK * self._per_pixel[0] * pixels, self._per_pixel[1] * pixels)

@@ -84,7 +84,7 @@ def architecture_params(cfg: ModelConfig) -> dict[str, Any]:
 
 def build_module(cfg: UNetConfig | DilatedConfig) -> nn.Module:
     if isinstance(cfg, UNetConfig):
-        return UNet(cfg.in_channels, cfg.num_classes, cfg.depth, cfg.width, cfg.padding, cfg.batch_norm)
+        return UNet(cfg.in_channels, cfg.num_classes, cfg.depth, cfg.width, cfg.padding, cfg.batch_norm, cfg.dims)
     return DilatedContextNet(
         cfg.in_channels, cfg.num_classes, cfg.front_width, cfg.front_depth, cfg.context, cfg.padding,
         context_width=cfg.context_width,
@@ -188,7 +188,7 @@ def _build_builtin(cfg: UNetConfig | DilatedConfig, device: str) -> LoadedModel:
         apply_state_dict(module, load_state_dict_file(cfg.path), cfg.path, what)
         identity["weights"] = {"path": fs.redact(cfg.path) if cfg.path else None}
     if isinstance(cfg, UNetConfig):
-        geometry = unet_geometry(cfg.depth, cfg.padding)
+        geometry = unet_geometry(cfg.depth, cfg.padding, cfg.dims)
     else:
         geometry = dilated_geometry(cfg.front_depth, cfg.padding)
     module.eval().to(device)

@@ -4,6 +4,7 @@ Each level: two 3x3 convolutions + ReLU (optionally BatchNorm), 2x2 max-pooling 
 2x2 up-convolution (transposed, stride 2) up, concatenation with the encoder features of
 the same level (centre-cropped for unpadded convolutions), and a final 1x1 convolution.
 ``padding="valid"`` is the paper's network (572 -> 388 at depth 4); ``"same"`` keeps sizes.
+``dims=3`` is the same network in 3D (3x3x3 convolutions, 2x2x2 pooling: Cicek et al. 2016).
 
 The geometry (halo, trim, legal input sizes) is derived from the same structure by
 :func:`unet_geometry`, which walks the network backwards from an output pixel.
@@ -21,14 +22,22 @@ from ..tiling import NetworkGeometry
 Padding = Literal["same", "valid"]
 
 
+Dims = Literal[2, 3]
+_LAYERS = {  # convolution, batch norm, max-pooling, transposed convolution
+    2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ConvTranspose2d),
+    3: (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.ConvTranspose3d),
+}
+
+
 class DoubleConv(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int, padding: Padding, batch_norm: bool) -> None:
+    def __init__(self, c_in: int, c_out: int, padding: Padding, batch_norm: bool, dims: Dims = 2) -> None:
+        conv, norm, _, _ = _LAYERS[dims]
         pad = 1 if padding == "same" else 0
         layers: list[nn.Module] = []
         for c in (c_in, c_out):
-            layers.append(nn.Conv2d(c, c_out, 3, padding=pad, bias=not batch_norm))
+            layers.append(conv(c, c_out, 3, padding=pad, bias=not batch_norm))
             if batch_norm:
-                layers.append(nn.BatchNorm2d(c_out))
+                layers.append(norm(c_out))
             layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
 
@@ -36,16 +45,17 @@ class DoubleConv(nn.Sequential):
 class UpBlock(nn.Module):
     """Up-convolve, centre-crop the skip to the same size, concatenate, two convolutions."""
 
-    def __init__(self, c_in: int, c_out: int, padding: Padding, batch_norm: bool) -> None:
+    def __init__(self, c_in: int, c_out: int, padding: Padding, batch_norm: bool, dims: Dims = 2) -> None:
         super().__init__()
-        self.up = nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
-        self.convs = DoubleConv(2 * c_out, c_out, padding, batch_norm)
+        self.dims = dims
+        self.up = _LAYERS[dims][3](c_in, c_out, 2, stride=2)
+        self.convs = DoubleConv(2 * c_out, c_out, padding, batch_norm, dims)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
-        dy = (skip.shape[-2] - x.shape[-2]) // 2
-        dx = (skip.shape[-1] - x.shape[-1]) // 2
-        skip = skip[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
+        for axis in range(-self.dims, 0):  # centre crop, axis by axis
+            d = (skip.shape[axis] - x.shape[axis]) // 2
+            skip = skip.narrow(axis, d, x.shape[axis])
         return self.convs(torch.cat([skip, x], dim=1))
 
 
@@ -58,20 +68,22 @@ class UNet(nn.Module):
         width: int = 64,
         padding: Padding = "same",
         batch_norm: bool = False,
+        dims: Dims = 2,
     ) -> None:
         super().__init__()
-        self.depth, self.padding = depth, padding
+        self.depth, self.padding, self.dims = depth, padding, dims
+        conv, _, pool, _ = _LAYERS[dims]
         chans = [width * 2**level for level in range(depth + 1)]
         self.encoders = nn.ModuleList(
-            DoubleConv(in_channels if lv == 0 else chans[lv - 1], chans[lv], padding, batch_norm)
+            DoubleConv(in_channels if lv == 0 else chans[lv - 1], chans[lv], padding, batch_norm, dims)
             for lv in range(depth)
         )
-        self.pool = nn.MaxPool2d(2)
-        self.bottleneck = DoubleConv(chans[depth - 1], chans[depth], padding, batch_norm)
+        self.pool = pool(2)
+        self.bottleneck = DoubleConv(chans[depth - 1], chans[depth], padding, batch_norm, dims)
         self.decoders = nn.ModuleList(
-            UpBlock(chans[lv + 1], chans[lv], padding, batch_norm) for lv in reversed(range(depth))
+            UpBlock(chans[lv + 1], chans[lv], padding, batch_norm, dims) for lv in reversed(range(depth))
         )
-        self.head = nn.Conv2d(chans[0], num_classes, 1)
+        self.head = conv(chans[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips: list[torch.Tensor] = []
@@ -151,8 +163,9 @@ def unet_dependency(
     return decoder(0, out_lo, out_hi)
 
 
-def unet_geometry(depth: int, padding: Padding) -> NetworkGeometry:
-    """Halo, trim, shift period and legal input sizes of a U-Net, from its structure."""
+def unet_geometry(depth: int, padding: Padding, dims: Dims = 2) -> NetworkGeometry:
+    """Halo, trim, shift period and legal input sizes of a U-Net, from its structure (the
+    same along every axis: a 3D U-Net's halo is this one along z, y and x)."""
     period = 2**depth
     outs = {
         s: sizes["out"][0]
@@ -179,5 +192,6 @@ def unet_geometry(depth: int, padding: Padding) -> NetworkGeometry:
         shift_period=period,
         size_min=size_min,
         size_step=size_step,
-        name=f"U-Net (depth {depth}, {padding} padding)",
+        name=f"{'3D ' if dims == 3 else ''}U-Net (depth {depth}, {padding} padding)",
+        dims=dims,
     )
