@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,17 @@ from pipeline.tiling import NetworkGeometry
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+PIPELINE = str(Path(sys.executable).parent / "pipeline")
+
+
+def pipeline_env() -> dict[str, str]:
+    """The environment of a ``pipeline`` subprocess whose workers import the test networks."""
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def run_pipeline(*args: str, cwd: Path | str = REPO, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``pipeline ARGS`` as a user runs it, output captured."""
+    return subprocess.run([PIPELINE, *args], capture_output=True, text=True, env=pipeline_env(), cwd=cwd, timeout=timeout)
 
 
 def shared_data(*parts: str) -> Path:

@@ -9,10 +9,8 @@ the volumes read back.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,9 +24,16 @@ from PIL import Image
 from pipeline.config import parse_workflow
 from pipeline.errors import EvaluationError, OutputExistsError, WorkflowError
 from pipeline.image_set import expand_images
-from tests.helpers import REPO, box_filter_reference, shared_data, write_workflow
+from tests.helpers import (
+    PIPELINE,
+    REPO,
+    box_filter_reference,
+    pipeline_env,
+    run_pipeline,
+    shared_data,
+    write_workflow,
+)
 
-PIPELINE = str(Path(sys.executable).parent / "pipeline")
 WEIGHT = [[1], [-1]]
 MEAN = 100
 TILE = 32
@@ -77,14 +82,6 @@ def _workflow(root: Path, seconds: float = 0.0, **changes: object) -> str:
     return str(root / "wf.yaml")
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO)}  # workers import the test network
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PIPELINE, *args], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
-
-
 def _labels(root: Path, name: str) -> np.ndarray:
     return zarr.open_group(str(root / "out" / f"{name}.zarr"), mode="r")["0"][:]
 
@@ -101,7 +98,7 @@ def test_a_folder_of_images_gives_one_volume_each_equal_to_the_whole_image_refer
     tmp_path,
 ) -> None:
     wf = _workflow(tmp_path)
-    proc = _run("run", wf)
+    proc = run_pipeline("run", wf)
     assert proc.returncode == 0, proc.stderr
     assert "images     3 images: a, b, deep/c" in proc.stdout
     assert "image      3 of 3: deep/c (64 x 96 px)" in proc.stdout
@@ -127,7 +124,7 @@ def test_a_folder_of_images_gives_one_volume_each_equal_to_the_whole_image_refer
     assert sum(e["blocks"]["computed"] for e in record["images"].values()) == blocks
     # A second run refuses to overwrite and says how to go on; nothing is touched.
     before = (tmp_path / "out" / "evaluation.json").stat().st_mtime_ns
-    again = _run("run", wf)
+    again = run_pipeline("run", wf)
     assert again.returncode == 2
     assert "already exists (a complete label volume)" in again.stderr and "--resume" in again.stderr
     assert (tmp_path / "out" / "evaluation.json").stat().st_mtime_ns == before
@@ -141,7 +138,7 @@ def _ledger(volume: Path) -> int:
 def test_an_interrupted_set_resumes_keeping_complete_volumes_and_finishing_the_interrupted_one(tmp_path) -> None:
     wf = _workflow(tmp_path, seconds=0.25)
     proc = subprocess.Popen(
-        [PIPELINE, "run", wf], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        [PIPELINE, "run", wf], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=pipeline_env(),
         cwd=REPO, start_new_session=True,
     )  # fmt: skip
     second = tmp_path / "out" / "b.zarr"
@@ -160,7 +157,7 @@ def test_an_interrupted_set_resumes_keeping_complete_volumes_and_finishing_the_i
     first = tmp_path / "out" / "a.zarr"
     kept = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
     (tmp_path / "forward.log").unlink()
-    resumed = _run("run", wf, "--resume")
+    resumed = run_pipeline("run", wf, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "complete from an earlier run of this set: kept" in resumed.stdout
     assert f"resume     {done} of 8 blocks were written by the interrupted run" in resumed.stdout
@@ -212,7 +209,7 @@ def test_a_set_that_cannot_run_is_an_error_naming_the_workflow_and_field(tmp_pat
 def test_a_bad_image_in_a_set_stops_the_run_before_anything_is_written(tmp_path) -> None:
     wf = _workflow(tmp_path)
     tifffile.imwrite(tmp_path / "images" / "b.tif", np.zeros((2, 64, 64), np.uint8), photometric="minisblack")
-    proc = _run("run", wf)
+    proc = run_pipeline("run", wf)
     assert proc.returncode == 2
     assert "b.tif" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -222,7 +219,7 @@ def test_report_files_in_the_output_folder_are_never_replaced_unless_a_set_wrote
     wf = _workflow(tmp_path, output__overwrite=True)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "evaluation.json").write_text("mine")
-    proc = _run("run", wf)
+    proc = run_pipeline("run", wf)
     assert proc.returncode == 2
     assert "out/evaluation.json already exists; no record of a run over several images" in proc.stderr
     assert (tmp_path / "out" / "evaluation.json").read_text() == "mine"
@@ -294,7 +291,7 @@ def test_isbi_slices_as_one_run_against_a_larger_folder_of_labels(tmp_path) -> N
         "cluster": {"n_workers": 1},
     }  # fmt: skip
     path = write_workflow(tmp_path / "isbi.yaml", **wf)
-    proc = _run("run", str(path))
+    proc = run_pipeline("run", str(path))
     assert proc.returncode == 0, proc.stderr
     assert "10 images; pooled (dataset-level) statistics:" in proc.stdout
     pooled = np.zeros((2, 2), np.int64)
@@ -309,10 +306,10 @@ def test_isbi_slices_as_one_run_against_a_larger_folder_of_labels(tmp_path) -> N
 
 def test_validate_and_plan_check_every_image_and_describe_the_set(tmp_path) -> None:
     wf = _workflow(tmp_path)
-    validated = _run("validate", wf)
+    validated = run_pipeline("validate", wf)
     assert validated.returncode == 0, validated.stderr
     assert "valid: 3 images" in validated.stdout and "29 tiles in 29 blocks" in validated.stdout  # 15 + 8 + 6
-    planned = _run("plan", wf)
+    planned = run_pipeline("plan", wf)
     assert planned.returncode == 0, planned.stderr
     assert "images     3 images: a, b, deep/c" in planned.stdout
     assert f"output     {tmp_path / 'out'}: one label volume per image" in planned.stdout

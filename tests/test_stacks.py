@@ -4,9 +4,6 @@ for a 3D one (Hypothesis, a box filter with a known result); the ISBI slices as 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import tifffile
@@ -18,15 +15,13 @@ from PIL import Image
 from pipeline.inference import predict_image
 from pipeline.tiling import plan_tiles
 from tests.helpers import (
-    REPO,
     BoxFilterNet,
     BoxFilterNet3D,
     box_filter_reference,
+    run_pipeline,
     shared_data,
     write_workflow,
 )
-
-PIPELINE = str(Path(sys.executable).parent / "pipeline")
 
 
 @st.composite
@@ -77,10 +72,6 @@ def test_a_3d_network_tiled_in_3d_equals_the_whole_volume_bit_for_bit(case) -> N
     np.testing.assert_array_equal(logits, box_filter_reference(image, radius, weight, mode).astype(np.float32))
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PIPELINE, *args], capture_output=True, text=True, cwd=REPO, timeout=600)
-
-
 def test_isbi_slices_as_a_stack_equal_the_same_slices_run_one_by_one(tmp_path) -> None:
     root = shared_data("microscopy", "isbi2012_em_membranes")
     slices = [np.asarray(Image.open(root / "images" / f"{k}.png")) for k in range(5)]
@@ -97,10 +88,10 @@ def test_isbi_slices_as_a_stack_equal_the_same_slices_run_one_by_one(tmp_path) -
         tmp_path / "slices.yaml", input={"path": f"{root}/images/[0-4].png"}, output={"path": str(tmp_path / "slices")},
         evaluation={"ground_truth": f"{root}/labels", "encoding": "binary"}, **{**common, "inference": {"batch_size": 1}},
     )  # fmt: skip
-    proc = _run("run", str(stack))
+    proc = run_pipeline("run", str(stack))
     assert proc.returncode == 0, proc.stderr
     assert "plane by plane: the 2D network sees one plane at a time, 2 planes per forward pass" in proc.stdout
-    assert _run("run", str(one_by_one)).returncode == 0
+    assert run_pipeline("run", str(one_by_one)).returncode == 0
     volume = zarr.open_group(str(tmp_path / "stack.zarr"), mode="r")
     assert [a["name"] for a in volume.attrs["ome"]["multiscales"][0]["axes"]] == ["z", "y", "x"]
     assert volume["1"].shape == (5, 256, 256)  # the pyramid keeps every plane
@@ -144,7 +135,7 @@ def test_a_3d_unet_tiled_in_3d_equals_one_forward_pass_over_the_whole_volume() -
     np.testing.assert_allclose(tiled, whole, atol=1e-4, rtol=0)
 
 
-def test_a_3d_unet_runs_on_a_stack_through_pipeline_run(tmp_path) -> None:
+def test_a_3d_unet_runs_on_a_stack_through_pipelinerun_pipeline(tmp_path) -> None:
     stack = np.random.default_rng(3).integers(0, 255, (12, 40, 48), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "stack.tif", stack, tile=(16, 16), metadata={"axes": "ZYX"})
     model = {"arch": "unet", "dims": 3, "depth": 1, "width": 2, "num_classes": 2, "normalize": {"mean": 128.0, "std": 64.0}}
@@ -152,7 +143,7 @@ def test_a_3d_unet_runs_on_a_stack_through_pipeline_run(tmp_path) -> None:
         tmp_path / "wf.yaml", input={"path": str(tmp_path / "stack.tif")}, model=model, tiling={"tile": 16},
         output={"path": str(tmp_path / "out.zarr")}, cluster={"n_workers": 1},
     )  # fmt: skip
-    done = _run("run", str(wf))
+    done = run_pipeline("run", str(wf))
     assert done.returncode == 0, done.stderr
     assert "3D U-Net (depth 1, same padding)" in done.stdout and "write box 12 x 16 x 16" in done.stdout
     assert "tasks      1 x 3 x 3 = 9 blocks" in done.stdout  # 3D tiles, no plane axis
@@ -162,5 +153,5 @@ def test_a_3d_unet_runs_on_a_stack_through_pipeline_run(tmp_path) -> None:
         output={"path": str(tmp_path / "flat.zarr")}, cluster={"n_workers": 1},
     )  # fmt: skip
     tifffile.imwrite(tmp_path / "flat.tif", stack[0])
-    refused = _run("validate", str(flat))
+    refused = run_pipeline("validate", str(flat))
     assert refused.returncode == 2 and "model.dims: 3, but" in refused.stderr and "needs a stack" in refused.stderr
