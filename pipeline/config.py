@@ -423,6 +423,10 @@ class OutputConfig(Section):
     downsampling: Downsampling = Field(
         default="mode", description="how a pyramid level summarises 2 x 2 labels: mode (ties: smallest id) or nearest"
     )
+    ngff: Literal["0.5", "0.4"] = Field(
+        default="0.5",
+        description="OME-NGFF version of the label image: 0.5 (zarr 3) or 0.4 (zarr 2, for older viewers; no shard)",
+    )
     geotiff: bool = Field(
         default=False,
         description="also write the labels as a tiled GeoTIFF beside the volume (slide.zarr -> slide.tif), "
@@ -439,6 +443,12 @@ class OutputConfig(Section):
         "default: evaluation.classes",
     )
 
+
+    @model_validator(mode="after")
+    def _shards_need_zarr_3(self) -> OutputConfig:
+        if self.shard and self.ngff == "0.4":
+            raise ValueError("shard: true needs ngff: '0.5' (zarr format 2 has no shards)")
+        return self
 
     @property
     def probability_dtype(self) -> Literal["uint8", "float16"] | None:

@@ -207,6 +207,11 @@ def check_output_location(wf: Workflow) -> None:
     inputs = protected_inputs(wf)
     name = label_name_in_input(wf)
     if name is not None:
+        if wf.output.ngff != "0.5":
+            raise PipelineError(
+                f"output.ngff: {wf.output.ngff}, but the labels go into the OME-NGFF 0.5 image "
+                f"{fs.redact(wf.input.image_path)}; a label image has its image's version: use 0.5"
+            )
         check_label_group(wf.input.image_path, name)
         inputs = {k: v for k, v in inputs.items() if k != "input.path"}
     check_not_an_input(wf.output.path, "output.path", inputs)

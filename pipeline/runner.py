@@ -455,6 +455,7 @@ def _run_connected(
             ome=_ome_attributes(wf, prepared),
             attributes={**_geo_attributes(prepared), **_probability_attributes(wf)},
             probabilities=(wf.model.num_classes, probabilities) if probabilities else None,
+            ngff=wf.output.ngff,
         )
     timings["normalization"] = time.perf_counter() - t
     state.run_id = run_id
@@ -558,6 +559,7 @@ def _ome_attributes(wf: Workflow, prepared: Prepared) -> dict[str, Any]:
         [c.name for c in classes] if classes else None,
         [c.colour for c in classes] if classes else None,
         source_image="../../" if label_name_in_input(wf) is not None else None,
+        version=wf.output.ngff,
     )
 
 

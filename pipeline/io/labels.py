@@ -19,6 +19,10 @@ Which blocks are done is read by listing the ledger's prefix once, not by a read
 the ledger records every block: a crashed run never looks complete. Rewriting a block (Dask
 retries a task whose worker died) writes the same bytes to the same whole chunk.
 
+With ``output.ngff: "0.4"`` the same layout is an OME-NGFF 0.4 group in zarr format 2 (for
+older viewers): ``.zgroup``/``.zattrs``/``.zarray`` metadata, the OME attributes at the top
+of ``.zattrs``, chunk keys ``0/i/j`` and ``blocks/i/j`` ("/"-separated, no ``c/``), no shards.
+
 The ``pipeline`` record is signed (:mod:`.ownership`), so ``overwrite: true`` replaces only a
 volume this user's pipeline provably wrote at this path, deletes only the entries the layout
 above explains, and replaces report files only while they have the bytes the record lists.
@@ -56,6 +60,7 @@ STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"
 # zarr's LocalStore writes through "<name>.<uuid hex>.partial" files: an interrupted write leaves one
 _METADATA = re.compile(r"zarr\.json|zarr\.[0-9a-f]{32}\.partial")
+_METADATA_V2 = re.compile(r"\.(zarray|zattrs|zgroup)(\.[0-9a-f]{32}\.partial)?")
 _CHUNK_KEY = re.compile(r"(\d+)(\.[0-9a-f]{32}\.partial)?")
 
 
@@ -160,6 +165,7 @@ def create_label_volume(
     ome: dict[str, Any] | None = None,
     attributes: dict[str, Any] | None = None,
     probabilities: tuple[int, str] | None = None,
+    ngff: str = "0.5",
 ) -> str:
     """Create the group and an empty label array, marked ``running``; returns the run id.
 
@@ -184,49 +190,50 @@ def create_label_volume(
     inner = inner_chunks or chunks
     if any(c % i for c, i in zip(chunks, inner)):
         raise ValueError(f"chunks {inner} do not divide the blocks {chunks}")
+    v2 = ngff == "0.4"
+    if v2 and sharded:
+        raise ValueError("zarr format 2 (OME-NGFF 0.4) has no shards")
+    names = [a["name"] for a in axes]
+
+    def layout(dimension_names: list[str] | None) -> dict[str, Any]:
+        """What differs between the formats: key encoding, dimension names."""
+        if v2:
+            return {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+        return {"dimension_names": dimension_names}
+
     with fs.storage_errors("output.path", path, "write"):
-        group = zarr.open_group(store=fs.zarr_store(path, read_only=False), mode="w-", zarr_format=3)
+        group = zarr.open_group(store=fs.zarr_store(path, read_only=False), mode="w-", zarr_format=2 if v2 else 3)
         group.create_array(
-            LABEL_ARRAY,
-            shape=shape,
-            chunks=inner,
-            shards=chunks if sharded else None,
-            dtype=dtype,
-            fill_value=0,
-            dimension_names=[a["name"] for a in axes],
-        )
+            LABEL_ARRAY, shape=shape, chunks=inner, shards=chunks if sharded else None, dtype=dtype,
+            fill_value=0, **layout(names),
+        )  # fmt: skip
         for level, level_shape in enumerate(pyramid, start=1):
             group.create_array(
-                str(level),
-                shape=level_shape,
-                chunks=tuple(min(c, n) for c, n in zip(inner, level_shape)),
-                dtype=dtype,
-                fill_value=0,
-                dimension_names=[a["name"] for a in axes],
-            )
+                str(level), shape=level_shape, chunks=tuple(min(c, n) for c, n in zip(inner, level_shape)),
+                dtype=dtype, fill_value=0, **layout(names),
+            )  # fmt: skip
         if probabilities is not None:
             classes, probability_dtype = probabilities
             group.create_array(
-                PROBABILITIES,
-                shape=(classes, *shape),
-                chunks=(classes, *inner),
-                shards=(classes, *chunks) if sharded else None,
-                dtype=probability_dtype,
-                fill_value=0,
-                dimension_names=["c", *(a["name"] for a in axes)],
-            )
+                PROBABILITIES, shape=(classes, *shape), chunks=(classes, *inner),
+                shards=(classes, *chunks) if sharded else None, dtype=probability_dtype, fill_value=0,
+                **layout(["c", *names]),
+            )  # fmt: skip
         group.create_array(
-            LEDGER,
-            shape=tuple(-(-n // c) for n, c in zip(shape, chunks)),
-            chunks=(1,) * len(shape),
-            dtype=np.uint8,
-            fill_value=0,
-        )
+            LEDGER, shape=tuple(-(-n // c) for n, c in zip(shape, chunks)), chunks=(1,) * len(shape),
+            dtype=np.uint8, fill_value=0, **layout(None),
+        )  # fmt: skip
         record = {**provenance, "status": STATUS_RUNNING, "run_id": run_id, "started": _now()}
+        ome_attributes = {"ome": ome} if not v2 else dict(ome or {})  # 0.4: at the top level
         group.attrs.update(
             {
-                "ome": ome
-                or {
+                **ome_attributes,
+                "pipeline": ownership.signed(record, fs.location(path)),
+                **(attributes or {}),
+            }
+            if ome is not None or v2
+            else {
+                "ome": {
                     "version": "0.5",
                     "multiscales": [
                         {
@@ -260,12 +267,13 @@ def delete_label_volume(path: str) -> None:
     grids = _chunk_grids(path)
     if fs.is_symlink(path) or grids is None:
         raise OutputExistsError(f"output.path: {fs.redact(path)} is not a label volume this pipeline can delete")
-    fs.remove_keys(path, ["zarr.json"])  # first: a half-deleted volume must not look like one
+    v2 = _is_v2(path)
+    fs.remove_keys(path, [".zgroup", ".zattrs"] if v2 else ["zarr.json"])  # first: a half-deleted volume must not look like one
     listed = fs.entries(path)
-    fs.remove_keys(path, [e.key for e in listed if not e.is_dir and not e.is_link and _expected(e.key, False, grids)])
+    fs.remove_keys(path, [e.key for e in listed if not e.is_dir and not e.is_link and _expected(e.key, False, grids, v2)])
     kept = fs.remove_empty_folders(path)
     if not fs.is_local(path):
-        kept = [fs.join(path, e.key) for e in listed if not _expected(e.key, False, grids)]
+        kept = [fs.join(path, e.key) for e in listed if not _expected(e.key, False, grids, v2)]
     if kept:
         raise OutputExistsError(
             f"output.path: {fs.redact(kept[0])} holds entries this pipeline did not write; they were kept"
@@ -279,11 +287,17 @@ def foreign_entries(path: str) -> list[str]:
     grids = _chunk_grids(path)
     if grids is None:
         return [fs.join(path, LABEL_ARRAY, "zarr.json")]
+    v2 = _is_v2(path)
     return [
         fs.join(path, *e.key.split("/"))
         for e in fs.entries(path)
-        if e.is_link or not _expected(e.key, e.is_dir, grids)
+        if e.is_link or not _expected(e.key, e.is_dir, grids, v2)
     ]
+
+
+def _is_v2(path: str) -> bool:
+    """Whether the volume at ``path`` is zarr format 2 (``output.ngff: "0.4"``)."""
+    return not fs.is_file(fs.join(path, "zarr.json")) and fs.is_file(fs.join(path, ".zgroup"))
 
 
 def _chunk_grids(path: str) -> dict[str, list[int]] | None:
@@ -308,24 +322,32 @@ def _chunk_grid(path: str, name: str) -> list[int] | None:
         array = json.loads(fs.read_bytes(fs.join(path, name, "zarr.json")))
         return [-(-int(n) // int(c)) for n, c in zip(array["shape"], array["chunk_grid"]["configuration"]["chunk_shape"])]
     except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:  # zarr format 2
+        array = json.loads(fs.read_bytes(fs.join(path, name, ".zarray")))
+        return [-(-int(n) // int(c)) for n, c in zip(array["shape"], array["chunks"])]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _expected(key: str, is_dir: bool, grids: dict[str, list[int]]) -> bool:
-    """Whether ``key`` (relative, ``/``-separated) belongs to the layout of a volume with ``grids``."""
+def _expected(key: str, is_dir: bool, grids: dict[str, list[int]], v2: bool = False) -> bool:
+    """Whether ``key`` (relative, ``/``-separated) belongs to the layout of a volume with
+    ``grids`` (zarr format 3: ``<array>/c/i/j``; ``v2``: ``<array>/i/j``)."""
     parts = key.split("/")
     rel, name = tuple(parts[:-1]), parts[-1]
-    if (rel == () or (len(rel) == 1 and rel[0] in grids)) and not is_dir and _METADATA.fullmatch(name):
+    metadata = _METADATA_V2 if v2 else _METADATA
+    if (rel == () or (len(rel) == 1 and rel[0] in grids)) and not is_dir and metadata.fullmatch(name):
         return True
     if rel == ():
         return is_dir and name in grids
-    if len(rel) == 1:
+    prefix = 1 if v2 else 2  # the array's folder (and, in format 3, its "c")
+    if not v2 and len(rel) == 1:
         return rel[0] in grids and is_dir and name == "c"
     grid = grids.get(rel[0])
-    depth = len(rel) - 2  # index of the chunk-grid axis this entry names
-    if grid is None or rel[1] != "c" or depth >= len(grid):
+    depth = len(rel) - prefix  # index of the chunk-grid axis this entry names
+    if grid is None or (not v2 and rel[1] != "c") or depth >= len(grid):
         return False
-    if any(_CHUNK_KEY.fullmatch(p) is None or int(p) >= grid[i] for i, p in enumerate(rel[2:])):
+    if any(_CHUNK_KEY.fullmatch(p) is None or int(p) >= grid[i] for i, p in enumerate(rel[prefix:])):
         return False
     match = _CHUNK_KEY.fullmatch(name)
     if match is None or int(match.group(1)) >= grid[depth]:
@@ -391,7 +413,7 @@ def mark_block_done(path: str, run_id: str, index: tuple[int, ...]) -> None:
 
 def done_blocks(path: str) -> set[tuple[int, ...]]:
     """The blocks the ledger records as written: its chunk keys, by one listing of its prefix."""
-    chunks = fs.join(path, LEDGER, "c")
+    chunks = fs.join(path, LEDGER) if _is_v2(path) else fs.join(path, LEDGER, "c")
     if not fs.exists(chunks):
         return set()
     done = set()
@@ -416,7 +438,7 @@ def resume_label_volume(
     record = _replaceable_record(path, True, reports)
     if record is None:
         raise ResumeRefusedError(f"output.path: {shown}: there is no interrupted run to resume")
-    if not fs.is_file(fs.join(path, LEDGER, "zarr.json")):
+    if _chunk_grid(path, LEDGER) is None:
         raise ResumeRefusedError(
             f"output.path: {shown} was written by a pipeline version without a block ledger; "
             f"set output.overwrite: true to start over"
@@ -518,7 +540,10 @@ def _record(path: str) -> dict[str, Any] | None:
     try:
         info = json.loads(fs.read_bytes(fs.join(path, "zarr.json")))["attributes"]["pipeline"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        try:  # zarr format 2: the attributes file
+            info = json.loads(fs.read_bytes(fs.join(path, ".zattrs")))["pipeline"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
     return info if isinstance(info, dict) else None
 
 

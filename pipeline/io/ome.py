@@ -57,8 +57,10 @@ def label_group_attributes(
     class_names: Sequence[str] | None = None,
     class_colours: Sequence[tuple[int, int, int] | None] | None = None,
     source_image: str | None = None,
+    version: str = NGFF_VERSION,
 ) -> dict[str, Any]:
-    """The group's ``ome`` attribute: multiscales over ``level_count`` levels and image-label."""
+    """The group's ``ome`` attribute: multiscales over ``level_count`` levels and image-label
+    (``version`` "0.4": the top-level attributes of a zarr 2 group, as OME-NGFF 0.4 has them)."""
     ndim = len(grid.scale)
     axis_names = "zyx"[-ndim:]
     axes = []
@@ -92,6 +94,8 @@ def label_group_attributes(
         "type": downsampling,
         "metadata": {"method": "pipeline.downsample", "description": f"{downsampling} of 2 x 2 windows (y, x) per level"},
     }
+    if version == "0.4":
+        return {"multiscales": [{"version": "0.4", **multiscale}], "image-label": {**image_label, "version": "0.4"}}
     return {"version": NGFF_VERSION, "multiscales": [multiscale], "image-label": image_label}
 
 
@@ -182,7 +186,8 @@ def open_level(path: str, level: int, array: str | None = None) -> tuple[zarr.Ar
         if not isinstance(other, zarr.Array):
             raise ValueError(f"{fs.redact(path)} holds no array {array!r} (written with output.probabilities only)")
         return other, attributes
-    datasets = attributes.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [{"path": "0"}])
+    multiscales = attributes.get("ome", {}).get("multiscales") or attributes.get("multiscales") or [{}]
+    datasets = multiscales[0].get("datasets", [{"path": "0"}])
     if not 0 <= level < len(datasets):
         raise ValueError(f"{fs.redact(path)}: level {level}; the volume has levels 0 to {len(datasets) - 1}")
     found = group[datasets[level]["path"]]

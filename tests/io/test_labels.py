@@ -275,3 +275,39 @@ def test_the_ledger_is_part_of_the_layout(tmp_path) -> None:
     (path / "blocks" / "c" / "2").rmdir()
     delete_label_volume(str(path))
     assert not path.exists()
+
+
+def _volume_v2(path, shape=(16, 16), chunks=(8, 8), overwrite=False) -> str:
+    return create_label_volume(
+        str(path), shape, chunks, np.dtype(np.uint8), {"fingerprints": FINGERPRINTS}, overwrite, ngff="0.4"
+    )
+
+
+@pytest.mark.parametrize("intruder", ["notes.txt", "0/extra.bin", "0/9/0", "0/0/deep", "0/c/0/0", "zarr.json", "blocks/5/0"])
+def test_a_zarr_2_volume_explains_every_chunk_and_keeps_foreign_files(tmp_path, intruder) -> None:
+    path = tmp_path / "out.zarr"
+    run_id = _volume_v2(path)
+    assert (path / ".zgroup").is_file() and not (path / "zarr.json").exists()
+    for index in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        write_block(str(path), run_id, Box((8 * index[0], 8 * index[1]), (8, 8)), np.ones((8, 8), np.uint8))
+        mark_block_done(str(path), run_id, index)
+    assert (path / "0" / "1" / "1").is_file() and (path / "blocks" / "1" / "1").is_file()  # "/"-separated keys
+    assert foreign_entries(path) == []
+    assert done_blocks(str(path)) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    target = path / intruder
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("keep me")
+    with pytest.raises(OutputExistsError, match="did not write"):
+        _volume_v2(path, overwrite=True)
+    assert target.read_text() == "keep me"
+
+
+def test_a_zarr_2_volume_is_resumed_from_its_ledger_and_replaced_whole(tmp_path) -> None:
+    path = str(tmp_path / "out.zarr")
+    run_id = _volume_v2(path, shape=(100, 70), chunks=(64, 64))
+    write_block(path, run_id, Box((0, 0), (64, 64)), np.ones((64, 64), np.uint8))
+    mark_block_done(path, run_id, (0, 0))
+    assert resume_label_volume(path, FINGERPRINTS) == (run_id, {(0, 0)})
+    _volume_v2(path, shape=(100, 70), chunks=(64, 64), overwrite=True)
+    assert done_blocks(path) == set() and foreign_entries(path) == []
+    assert not (tmp_path / "out.zarr" / "0" / "0" / "0").exists()

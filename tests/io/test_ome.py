@@ -211,3 +211,29 @@ def test_labels_elsewhere_inside_an_input_or_inside_a_zarr_2_image_are_refused(t
     done = _pipeline_run(tmp_path, "old.zarr", {"path": "old.zarr/labels/cells"})
     assert done.returncode == 2 and "OME-NGFF 0.4 (zarr 2) image" in done.stderr, done.stderr
     assert not (tmp_path / "old.zarr" / "labels").exists()
+
+
+def test_ome_ngff_0_4_output_for_older_viewers_holds_the_same_labels(tmp_path) -> None:
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models.v04.image import Image
+    from ome_zarr_models.v04.image_label import ImageLabel
+    from pydantic_zarr.v2 import ArraySpec, GroupSpec
+
+    for model in (Image, ImageLabel):  # ome-zarr-models 1.6 leaves these to be completed by the caller
+        model.model_rebuild(_types_namespace={"ArraySpec": ArraySpec, "GroupSpec": GroupSpec})
+    yy, xx = np.mgrid[:150, :130]
+    tifffile.imwrite(tmp_path / "img.tif", (127 + 127 * np.sin(yy / 9.0) * np.cos(xx / 13.0)).astype(np.uint8))
+    new = _run(tmp_path, "img.tif", {"path": "new.zarr"})
+    old = _run(tmp_path, "img.tif", {"path": "old.zarr", "ngff": "0.4"})
+    group = zarr.open_group(old, mode="r")
+    assert group.metadata.zarr_format == 2
+    ImageLabel.from_zarr(group)  # raises on any deviation from the OME-NGFF 0.4 models
+    assert group.attrs["multiscales"][0]["version"] == "0.4" and group.attrs["image-label"]["version"] == "0.4"
+    node = next(iter(Reader(parse_url(str(old)))()))
+    levels = [zarr.open_group(new, mode="r")[str(k)][...] for k in range(len(node.data))]
+    assert len(levels) > 1
+    for level, data in zip(levels, node.data):
+        np.testing.assert_array_equal(np.asarray(data), level)  # the same labels and pyramid in either format
+    refused = _pipeline_run(tmp_path, "img.tif", {"path": "x.zarr", "ngff": "0.4", "shard": True})
+    assert refused.returncode == 2 and "shard: true needs ngff: '0.5'" in refused.stderr
