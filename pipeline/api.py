@@ -7,7 +7,7 @@
     labels = pipeline.open_labels("out/slide.zarr", level=2)
 
 Coordinates are pixel centres: map coordinates for a georeferenced input (``x``, ``y`` and a
-``spatial_ref`` coordinate holding the CRS and GDAL's ``GeoTransform``, as rioxarray names
+``spatial_ref`` coordinate holding the CRS (WKT) and GDAL's ``GeoTransform``, as rioxarray names
 them), else ``index x pixel size`` in the unit the input states (``units`` in each
 coordinate's attributes). Pixels are read only when the array is computed, region by region.
 """
@@ -25,6 +25,7 @@ import xarray as xr
 
 from .config import load_workflow, parse_workflow
 from .coordinates import Affine, Georeference, PixelGrid, grid_from_record, pixel_centres
+from .crs import crs_wkt
 from .downsample import level_offset, level_scale
 from .image_set import expand_images
 from .io import fs
@@ -131,7 +132,9 @@ def _data_array(
     geo = grid.georeference
     if geo is not None and transform is not None:
         stated = Georeference(geo.crs, transform).as_dict()  # this grid's transform (a level's is coarser)
-        attrs = {"spatial_ref": geo.crs or "", "crs": geo.crs or "", "GeoTransform": stated["GeoTransform"]}
+        wkt = crs_wkt(geo.crs)
+        attrs = {"crs_wkt": wkt or "", "spatial_ref": wkt or geo.crs or "", "crs": geo.crs or "",
+                 "GeoTransform": stated["GeoTransform"]}  # fmt: skip
         array = array.assign_coords(spatial_ref=xr.Variable((), 0, attrs))
     array.attrs["pixel_size_source"] = grid.source
     return array

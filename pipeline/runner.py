@@ -19,6 +19,7 @@ from . import __version__
 from .cluster import Connection, connect
 from .cluster.environment import allocator_environment
 from .config import NormalizeConfig, Workflow
+from .crs import crs_wkt
 from .errors import ExecutionError, PipelineError, ResumeRefusedError, RunInterrupted
 from .evaluation import LabelPair
 from .execution import BlockCounts, build_pyramid, execute_blocks, one_line
@@ -583,7 +584,7 @@ def _probability_attributes(wf: Workflow) -> dict[str, Any]:
 def _geo_attributes(prepared: Prepared) -> dict[str, Any]:
     """A georeferenced input's CRS and transform, beside the OME metadata (as GDAL states them)."""
     geo = prepared.pixel_grid.georeference
-    return {} if geo is None else {"georeference": geo.as_dict()}
+    return {} if geo is None else {"georeference": {**geo.as_dict(), "crs_wkt": crs_wkt(geo.crs)}}
 
 
 def _tune(

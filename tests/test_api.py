@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dask.array as da
 import numpy as np
+import pyproj
 import pytest
 import tifffile
 import yaml
@@ -39,7 +40,9 @@ def test_a_geotiff_opens_lazily_with_the_map_coordinates_rasterio_gives() -> Non
         _, ys = rasterio.transform.xy(src.transform, rows, np.zeros_like(rows))
         np.testing.assert_allclose(image.x.values, xs)
         np.testing.assert_allclose(image.y.values, ys)
-        assert image.spatial_ref.attrs["spatial_ref"] == f"EPSG:{src.crs.to_epsg()}"
+        assert image.spatial_ref.attrs["crs"] == f"EPSG:{src.crs.to_epsg()}"
+        assert pyproj.CRS(image.spatial_ref.attrs["crs_wkt"]) == pyproj.CRS(src.crs.to_wkt())  # as rioxarray reads it
+        assert image.spatial_ref.attrs["spatial_ref"] == image.spatial_ref.attrs["crs_wkt"]
         assert image.spatial_ref.attrs["GeoTransform"].split() == [repr(float(v)) for v in src.transform.to_gdal()]
         np.testing.assert_array_equal(image.isel(c=0, y=slice(100, 160), x=slice(7, 90)).values, src.read(1)[100:160, 7:90])
     assert image.x.attrs["units"] == "meter"

@@ -150,6 +150,9 @@ def test_a_geotiffs_crs_and_transform_reach_the_labels_as_rasterio_reads_them(tm
     attributes = _attributes(volume)
     geo = attributes["georeference"]
     assert geo["crs"] == f"EPSG:{crs.to_epsg()}"
+    import pyproj
+
+    assert pyproj.CRS(geo["crs_wkt"]) == pyproj.CRS(crs.to_wkt())  # the WKT, as GDAL's CRS
     assert geo["transform"] == pytest.approx(list(transform)[:6])
     assert geo["GeoTransform"].split() == [repr(float(v)) for v in transform.to_gdal()]
     multiscale = attributes["ome"]["multiscales"][0]
