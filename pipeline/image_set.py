@@ -29,6 +29,7 @@ from .errors import (
 )
 from .io import fs
 from .io.listing import fixed_folder, is_pattern, list_images, names_many
+from .io.ome import label_image_name
 from .planning import Prepared, describe_plan, prepare, storage_rules
 from .scorecard import ReportFiles
 
@@ -105,7 +106,7 @@ def _expand(wf: Workflow) -> ImageSet | None:
     named = list_images(wf.input.path, "input.path", InputImageError)
     folder = _output_folder(wf.output.path, len(named))
     volumes = {name: _volume(wf.output.path, name) for name in named}
-    _check_outputs_outside_inputs(wf, folder, volumes)
+    _check_outputs_outside_inputs(wf, named, volumes)
     ev = wf.evaluation
     truths = masks = None
     if ev is not None:
@@ -155,15 +156,17 @@ def _volume(output: str, name: str) -> str:
     return fs.join(output, *f"{name}.zarr".split("/"))
 
 
-def _check_outputs_outside_inputs(wf: Workflow, folder: str, volumes: dict[str, str]) -> None:
-    """A set's outputs must not become inputs of its next run (a folder or glob would list them)."""
+def _check_outputs_outside_inputs(wf: Workflow, named: dict[str, str], volumes: dict[str, str]) -> None:
+    """A set's volumes must not become inputs of its next run (a folder or glob would list
+    them); an OME-Zarr image's own ``labels/<name>`` is where its labels belong."""
     sources = wf.input.path if isinstance(wf.input.path, tuple) else (wf.input.path,)
+    loose = [v for name, v in volumes.items() if label_image_name(v, named[name]) is None]
     for source in sources:
         if is_pattern(source):
-            clash = next((v for v in volumes.values() if fnmatch.fnmatch(v, source)), None)
+            clash = next((v for v in loose if fnmatch.fnmatch(v, source)), None)
         elif fs.is_dir(source):
-            inside = fs.location(folder).rstrip("/") + "/"
-            clash = folder if inside.startswith(fs.location(source).rstrip("/") + "/") else None
+            root = fs.location(source).rstrip("/") + "/"
+            clash = next((v for v in loose if fs.location(v).startswith(root)), None)
         else:
             clash = None
         if clash is not None:

@@ -73,6 +73,9 @@ def _workflow(root: Path, seconds: float = 0.0, **changes: object) -> str:
         "cluster": {"n_workers": 2, "threads_per_worker": 1},
     }  # fmt: skip
     for dotted, value in changes.items():
+        if "__" not in dotted:  # a whole section: None drops it
+            doc.pop(dotted) if value is None else doc.update({dotted: value})
+            continue
         section, key = dotted.split("__")
         if value is None:
             doc[section].pop(key, None)
@@ -196,7 +199,7 @@ def test_outputs_follow_the_folder_or_the_name_template(tmp_path) -> None:
         ({"output__path": "out/all.zarr"}, WorkflowError, r"output.path: .*all.zarr is one label volume, but input.path names 3 images; give a folder"),
         ({"evaluation__ground_truth": "truth/a.png"}, EvaluationError, r"evaluation.ground_truth: .*a.png is one file for 3 images"),
         ({"evaluation__ground_truth": "truth/*.png"}, EvaluationError, r"evaluation.ground_truth: no label image for 'deep/c' among 2"),
-        ({"output__path": "images/out"}, OutputExistsError, r"output.path: .*images/out would lie among the images input.path names"),
+        ({"output__path": "images/out"}, OutputExistsError, r"output.path: .*images/out/a.zarr would lie among the images input.path names"),
         ({"input__path": "images/a.tif", "output__path": "o/{name}.zarr", "evaluation__ground_truth": "truth/a.png"}, WorkflowError, r"output.path: .*is a name template for several images, but input.path names one"),
         ({"tiling__skip": {"mask": "truth/a.png"}}, WorkflowError, r"tiling.skip.mask: one mask for 3 images"),
     ],
@@ -316,3 +319,20 @@ def test_validate_and_plan_check_every_image_and_describe_the_set(tmp_path) -> N
     assert f"evaluation per image and pooled -> {tmp_path / 'out' / 'evaluation.json'}" in planned.stdout
     assert "first      a:" in planned.stdout and "tasks      3 x 5 = 15 blocks" in planned.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_ome_zarr_images_takes_labels_into_each_images_labels_group(tmp_path) -> None:
+    for name in ("a", "b"):
+        group = zarr.open_group(tmp_path / "imgs" / f"{name}.zarr", mode="w", zarr_format=3)
+        group.create_array("0", data=np.zeros((64, 64), np.uint8), chunks=(32, 32), dimension_names=["y", "x"])
+        axes = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0]}]}]}]}  # fmt: skip
+    wf = _workflow(tmp_path, input__path="imgs", output__path="imgs/{name}.zarr/labels/cells", evaluation=None)
+    proc = run_pipeline("run", wf)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("a", "b"):
+        labels = zarr.open_group(tmp_path / "imgs" / f"{name}.zarr" / "labels", mode="r")
+        assert labels.attrs["ome"]["labels"] == ["cells"]
+        assert labels["cells"]["0"].shape == (64, 64)
+
