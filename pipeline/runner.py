@@ -41,7 +41,7 @@ from .io.labels import (
     resume_label_volume,
 )
 from .io.locks import output_lock
-from .io.ome import label_group_attributes, register_label
+from .io.ome import label_group_attributes, register_label, source_image_path
 from .metrics import Scores
 from .normalization import resolve_normalization
 from .planning import (
@@ -559,7 +559,7 @@ def _ome_attributes(wf: Workflow, prepared: Prepared) -> dict[str, Any]:
         wf.model.num_classes,
         [c.name for c in classes] if classes else None,
         [c.colour for c in classes] if classes else None,
-        source_image="../../" if label_name_in_input(wf) is not None else None,
+        source_image=source_image_path(wf.output.path, wf.input.image_path),
         version=wf.output.ngff,
     )
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import colorsys
 import json
+import os
+import posixpath
 from collections.abc import Sequence
 from typing import Any
 
@@ -116,6 +118,23 @@ def label_image_name(output: str, image: str) -> str | None:
     if not name or "/" in name or name in (".", ".."):
         return None
     return name if _multiscales(image) is not None else None
+
+
+def source_image_path(volume: str, image: str) -> str | None:
+    """``image-label.source.image`` of a volume computed from ``image``: the path from the
+    volume to the OME-Zarr image, relative as the specification has it (``../../`` from the
+    image's own ``labels/<name>``); None when the input is no OME-Zarr image or lies in
+    another store."""
+    if label_image_name(volume, image) is not None:
+        return "../../"
+    if _multiscales(image) is None or fs.is_local(volume) != fs.is_local(image):
+        return None
+    if fs.is_local(volume):
+        return os.path.relpath(fs.location(image), fs.location(volume))
+    (scheme, out), (scheme_in, source) = (fs.bare_url(volume).split("://", 1), fs.bare_url(image).split("://", 1))
+    if scheme != scheme_in or out.split("/", 1)[0] != source.split("/", 1)[0]:
+        return None  # another bucket: no relative path leads there
+    return posixpath.relpath(source, out)
 
 
 def check_label_group(image: str, name: str) -> None:

@@ -135,6 +135,8 @@ def test_an_ome_zarr_inputs_scale_and_units_reach_the_labels(tmp_path) -> None:
         }],
     }  # fmt: skip
     volume = _run(tmp_path, "img.zarr", {"pyramid": False})
+    assert _attributes(volume)["ome"]["image-label"]["source"] == {"image": "../img.zarr"}  # from the volume
+    assert (volume / "../img.zarr").resolve() == (tmp_path / "img.zarr").resolve()
     multiscale = _attributes(volume)["ome"]["multiscales"][0]
     assert multiscale["datasets"] == [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [4.0, 3.0]}]}]
     assert [a.get("unit") for a in multiscale["axes"]] == ["nanometer", "nanometer"]
