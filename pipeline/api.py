@@ -111,7 +111,7 @@ def run(
     for item in images.images:
         labels = open_labels(item.workflow.output.path)
         labels.attrs["run_json"] = run_json_path(item.workflow)
-        labels.attrs["evaluation_json"] = done.result.report_path  # the set's: per image and pooled
+        labels.attrs["evaluation_json"] = done.report_path  # the set's: per image and pooled
         found[item.name] = labels
     return found
 

@@ -128,7 +128,7 @@ def run(
     out, err = out or sys.stdout, err or sys.stderr
     images = expand_images(wf)
     if images is not None:
-        return run_set(images, out, err, resume=resume, performance_report=performance_report).result
+        return run_set(images, out, err, resume=resume, performance_report=performance_report)
     started = time.perf_counter()
     prepared = prepare(wf, resume=resume)
     plan_seconds = time.perf_counter() - started
@@ -196,17 +196,9 @@ def _run_image(
     return scores, state
 
 
-@dataclass(frozen=True)
-class SetResult:
-    """A run over several images: the set as a whole (its folder, pooled report) and each image."""
-
-    result: RunResult
-    images: dict[str, RunResult]
-
-
 def run_set(
     images: ImageSet, out: TextIO, err: TextIO, *, resume: bool = False, performance_report: str | None = None
-) -> SetResult:
+) -> RunResult:
     """Each image of the set as a single-image run would do it, one after another on one
     cluster; then the pooled evaluation of all of them, and ``<folder>/run.json``.
 
@@ -222,7 +214,6 @@ def run_set(
     print(describe_set(images, prepared), file=out, flush=True)
     options = _Options(resume, None, False)
     entries: dict[str, dict[str, Any]] = {item.name: {"status": "pending"} for item in images.images}
-    results: dict[str, RunResult] = {}
     record: dict[str, Any] = {"status": "running", "images": entries}
     scores = None
     with ExitStack() as stack:
@@ -248,7 +239,6 @@ def run_set(
                 if resume and _complete_and_unchanged(one, p):
                     entry["status"] = "kept"
                     print("           complete from an earlier run of this set: kept", file=out, flush=True)
-                    results[item.name] = RunResult(one.output.path, None, None, 0.0)
                     continue
                 entry["status"] = "running"
                 _, state = _run_image(one, p, conn, options, out, err, t, plan_seconds if number == 1 else 0.0)
@@ -258,7 +248,6 @@ def run_set(
                     megapixels_per_second=state.megapixels_per_second,
                     blocks=state.blocks.as_dict() if state.blocks else None,
                 )  # fmt: skip
-                results[item.name] = RunResult(one.output.path, None, None, seconds, state.blocks)
                 _write_set_record(images, record, None)  # progress across images, for whoever watches
             if wf.evaluation is not None:
                 scores = _evaluate_set(images, prepared, out)
@@ -285,7 +274,7 @@ def run_set(
     print(f"run        {fs.redact(images.record_path)}", file=out)
     print(f"done in {format_seconds(total)}", file=out, flush=True)
     report_path = images.reports.json if scores is not None else None
-    return SetResult(RunResult(images.folder, report_path, scores, total), results)
+    return RunResult(images.folder, report_path, scores, total)
 
 
 def _mark_current(entries: dict[str, dict[str, Any]], status: str) -> None:

@@ -7,7 +7,6 @@ IFD and OME-XML) or an OME-Zarr group's ``multiscales``; pixel data is not touch
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import tifffile
@@ -21,6 +20,7 @@ from ..coordinates import (
 )
 from . import fs
 from .images import ImageReader, ImageSpec, is_zarr
+from .ome import read_multiscales
 
 GEOTIFF_TAGS = (33550, 33922, 34264, 34735, 34736, 34737)  # pixel scale, tiepoint, transformation, GeoKeys
 
@@ -108,11 +108,7 @@ def _level_factors(tif: tifffile.TiffFile, spec: ImageSpec, shape: tuple[int, ..
 
 def _zarr_grid(path: str, ndim: int, level: int = 0) -> PixelGrid:
     """The chosen dataset's ``scale`` and the space axes' units of an OME-Zarr group."""
-    if fs.exists(fs.join(path, "zarr.json")):  # zarr 3; else zarr 2's attributes file
-        attrs = json.loads(fs.read_bytes(fs.join(path, "zarr.json"))).get("attributes", {})
-    else:
-        attrs = json.loads(fs.read_bytes(fs.join(path, ".zattrs")))
-    multiscales = attrs.get("ome", {}).get("multiscales") or attrs.get("multiscales")
+    multiscales = read_multiscales(path)
     if not multiscales:
         return PixelGrid.unknown(ndim)
     first = multiscales[0]

@@ -34,6 +34,7 @@ from . import fs
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".gtif")
 # Formats without random access: read whole (by Pillow), so for images that fit in memory.
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup")  # a folder holding one of these is a zarr node
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def _zarr_metadata(path: str) -> str:
     """The metadata file of a zarr folder at ``path`` (``path`` itself if it is none)."""
     if fs.is_local(path) and not fs.is_dir(path):
         return path
-    for name in ("zarr.json", ".zarray", ".zgroup"):
+    for name in ZARR_METADATA:
         candidate = fs.join(path, name)
         if fs.is_file(candidate):
             return candidate

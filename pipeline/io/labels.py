@@ -224,33 +224,18 @@ def create_label_volume(
             dtype=np.uint8, fill_value=0, **layout(None),
         )  # fmt: skip
         record = {**provenance, "status": STATUS_RUNNING, "run_id": run_id, "started": _now()}
-        ome_attributes = {"ome": ome} if not v2 else dict(ome or {})  # 0.4: at the top level
+        ome = ome or {
+            "version": "0.5",
+            "multiscales": [{
+                "name": fs.stem(path),
+                "axes": axes,
+                "datasets": [{"path": LABEL_ARRAY, "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(shape)}]}],
+            }],
+            "image-label": {"version": "0.5"},
+        }  # fmt: skip
         group.attrs.update(
             {
-                **ome_attributes,
-                "pipeline": ownership.signed(record, fs.location(path)),
-                **(attributes or {}),
-            }
-            if ome is not None or v2
-            else {
-                "ome": {
-                    "version": "0.5",
-                    "multiscales": [
-                        {
-                            "name": fs.stem(path),
-                            "axes": axes,
-                            "datasets": [
-                                {
-                                    "path": LABEL_ARRAY,
-                                    "coordinateTransformations": [
-                                        {"type": "scale", "scale": [1.0] * len(shape)}
-                                    ],
-                                }
-                            ],
-                        }
-                    ],
-                    "image-label": {"version": "0.5"},
-                },
+                **(dict(ome) if v2 else {"ome": ome}),  # OME-NGFF 0.4: at the top level of .zattrs
                 "pipeline": ownership.signed(record, fs.location(path)),
                 **(attributes or {}),
             }

@@ -21,10 +21,9 @@ from pathlib import PurePosixPath
 
 from ..errors import PipelineError
 from . import fs
-from .images import PILLOW_SUFFIXES, TIFF_SUFFIXES
+from .images import PILLOW_SUFFIXES, TIFF_SUFFIXES, ZARR_METADATA
 
 IMAGE_SUFFIXES = TIFF_SUFFIXES + PILLOW_SUFFIXES + (".zarr",)
-ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup")
 WILDCARDS = "*?["
 
 

@@ -107,6 +107,12 @@ LABELS_GROUP = "labels"
 def label_image_name(output: str, image: str) -> str | None:
     """``name`` when ``output`` is ``<image>/labels/<name>`` of the OME-Zarr image at ``image``
     (where the specification puts an image's label images), else None."""
+    name = _name_in_labels_group(output, image)
+    return name if name is not None and read_multiscales(image) is not None else None
+
+
+def _name_in_labels_group(output: str, image: str) -> str | None:
+    """``name`` when ``output`` is ``<image>/labels/<name>`` by its path alone."""
     if fs.is_local(output) != fs.is_local(image):
         return None
     if fs.is_local(output):
@@ -115,9 +121,7 @@ def label_image_name(output: str, image: str) -> str | None:
         out, source = fs.bare_url(output), fs.bare_url(image)
     prefix = source.rstrip("/") + f"/{LABELS_GROUP}/"
     name = out[len(prefix) :] if out.startswith(prefix) else ""
-    if not name or "/" in name or name in (".", ".."):
-        return None
-    return name if _multiscales(image) is not None else None
+    return None if not name or "/" in name or name in (".", "..") else name
 
 
 def source_image_path(volume: str, image: str) -> str | None:
@@ -125,10 +129,10 @@ def source_image_path(volume: str, image: str) -> str | None:
     volume to the OME-Zarr image, relative as the specification has it (``../../`` from the
     image's own ``labels/<name>``); None when the input is no OME-Zarr image or lies in
     another store."""
-    if label_image_name(volume, image) is not None:
-        return "../../"
-    if _multiscales(image) is None or fs.is_local(volume) != fs.is_local(image):
+    if fs.is_local(volume) != fs.is_local(image) or read_multiscales(image) is None:
         return None
+    if _name_in_labels_group(volume, image) is not None:
+        return "../../"
     if fs.is_local(volume):
         return os.path.relpath(fs.location(image), fs.location(volume))
     (scheme, out), (scheme_in, source) = (fs.bare_url(volume).split("://", 1), fs.bare_url(image).split("://", 1))
@@ -182,7 +186,8 @@ def _label_names(image: str) -> list[str]:
     return [str(n) for n in names]
 
 
-def _multiscales(image: str) -> list[Any] | None:
+def read_multiscales(image: str) -> list[Any] | None:
+    """The ``multiscales`` of the OME-Zarr group at ``image`` (NGFF 0.5 or 0.4), None if none."""
     for name in ("zarr.json", ".zattrs"):
         try:
             document = json.loads(fs.read_bytes(fs.join(image, name)))
