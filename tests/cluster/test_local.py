@@ -188,13 +188,21 @@ def test_ctrl_c_prints_one_message_not_worker_tracebacks(tmp_path) -> None:
 def test_two_runs_on_one_output_never_interleave(tmp_path) -> None:
     """The second run (overwrite: true) fails clearly while the first holds the output."""
     wf = _slow_workflow(tmp_path, overwrite=True)
-    first = subprocess.Popen([PIPELINE, "run", wf], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [PIPELINE, "run", wf], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     _wait_for(tmp_path / "out" / "demo.zarr" / "0" / "zarr.json")
     run_id = zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r").attrs["pipeline"]["run_id"]
-    for command in ("validate", "run"):
-        second = subprocess.run([PIPELINE, command, wf], capture_output=True, text=True, timeout=300)
-        assert second.returncode == 2, second.stderr
-        assert "is being written by another run (pid" in second.stderr and "Traceback" not in second.stderr
+    # Freeze the first run (driver and workers) so that it still holds the output however fast this
+    # machine is; a stopped process keeps its lock, as a slow one does.
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        for command in ("validate", "run"):
+            second = subprocess.run([PIPELINE, command, wf], capture_output=True, text=True, timeout=300)
+            assert second.returncode == 2, second.stderr
+            assert "is being written by another run (pid" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     group = zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r")
