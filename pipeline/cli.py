@@ -145,6 +145,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     return evaluate_command(args)
 
 
+def _instances(args: argparse.Namespace) -> int:
+    from .instances_command import instances_command
+
+    return instances_command(args)
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from .demo import write_demo_data
 
@@ -231,6 +237,29 @@ def _parser() -> argparse.ArgumentParser:
         "(credentials: from the environment or a profile)",
     )
     ev.set_defaults(handler=_evaluate)
+
+    inst = sub.add_parser(
+        "instances",
+        help="object ids, an object table (Parquet, CSV) from class labels",
+        description=(
+            "Connected components of the chosen classes over the whole volume, merged across "
+            "block seams, as uint64 ids in an OME-Zarr label image (default: LABELS_instances "
+            "beside LABELS), with one row per object (class, area, bounding box, centroid, mean "
+            "intensity) in <out>.objects.parquet and .csv."
+        ),
+    )
+    inst.add_argument("labels", help="label volume written by `pipeline run`, or a label image (zarr, TIFF, PNG)")
+    inst.add_argument("--classes", type=int, nargs="+", required=True, help="class ids whose connected pixels make objects")
+    inst.add_argument("--connectivity", type=int, default=None, help="4 or 8 (2D), 6, 18 or 26 (3D); default 4 / 6")
+    inst.add_argument("--min-size", type=int, default=0, help="drop objects of fewer pixels")
+    inst.add_argument("--grow-into", type=int, nargs="+", default=None, help="classes objects may grow into")
+    inst.add_argument("--grow-by", type=int, default=0, help="at most this many pixels of growth")
+    inst.add_argument("--image", default=None, help="the input image, for mean intensities per channel")
+    inst.add_argument("--image-channel-axis", type=int, default=None)
+    inst.add_argument("--out", default=None, help="the instance volume (default: beside LABELS)")
+    inst.add_argument("--no-pyramid", action="store_true", help="level 0 only")
+    inst.add_argument("--overwrite", action="store_true", help="replace an instance volume of this pipeline's")
+    inst.set_defaults(handler=_instances)
 
     demo = sub.add_parser(
         "demo-data",

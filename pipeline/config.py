@@ -489,6 +489,35 @@ class EvaluationConfig(Section):
         return self
 
 
+class InstancesConfig(Section):
+    """Objects: connected components of chosen classes over the whole volume (pipeline/instances.py)."""
+
+    classes: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, description="class ids whose connected pixels make objects")
+    connectivity: Literal[4, 8, 6, 18, 26] | None = Field(
+        default=None, description="neighbours that connect: 4 or 8 (2D), 6, 18 or 26 (3D); default 4 / 6"
+    )
+    min_size: int = Field(default=0, ge=0, description="objects of fewer pixels are dropped")
+    grow_into: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="classes objects may grow into (e.g. a predicted border)"
+    )
+    grow_by: int = Field(default=0, ge=0, le=256, description="at most this many pixels of growth")
+    path: PathStr | None = Field(
+        default=None, description="the instance volume; default <output>_instances beside output.path"
+    )
+
+    @model_validator(mode="after")
+    def _growth_is_whole(self) -> InstancesConfig:
+        if bool(self.grow_into) != bool(self.grow_by):
+            raise ValueError("grow_into and grow_by together (classes to grow into, and by how many pixels)")
+        both = set(self.classes) & set(self.grow_into)
+        if both:
+            raise ValueError(f"grow_into: class {min(both)} is also in classes; objects grow into other classes")
+        return self
+
+    def neighbours(self, ndim: int) -> int:
+        return self.connectivity or (4 if ndim == 2 else 6)
+
+
 def _dashboard(value: object) -> str | None:
     if value is None:
         return None
@@ -672,6 +701,9 @@ class Workflow(Section):
     tiling: TilingConfig = TilingConfig()
     inference: InferenceConfig = InferenceConfig()
     output: OutputConfig
+    instances: InstancesConfig | None = Field(
+        default=None, description="object ids, an object table, instance metrics; null: classes only"
+    )
     evaluation: EvaluationConfig | None = None
     cluster: ClusterConfig = LocalClusterConfig()
     storage_options: StorageOptions = Field(
@@ -745,6 +777,7 @@ def _resolve_paths(wf: Workflow, base: str, source: str) -> Workflow:
             "model": fix(wf.model, "path"),
             "output": fix(wf.output, "path"),
             "evaluation": fix(fix(wf.evaluation, "ground_truth"), "ignore_mask"),
+            "instances": fix(wf.instances, "path"),
             "cluster": fix(fix(wf.cluster, "scheduler_file"), "log_directory"),
             "tiling": wf.tiling.model_copy(update={"skip": fix(wf.tiling.skip, "mask")}),
         }

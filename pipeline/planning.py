@@ -18,8 +18,11 @@ from .config import DeclaredGeometry, EvaluationConfig, NormalizeConfig, Workflo
 from .coordinates import PixelGrid, describe_grid
 from .downsample import level_shapes
 from .encodings import LabelEncoding
-from .errors import EvaluationError, PipelineError
+from .errors import EvaluationError, OutputExistsError, PipelineError
 from .evaluation import EvaluationSpec
+from .instance_labels import InstanceSpec
+from .instance_volume import as_field, check_instance_classes, default_instances_path, table_paths
+from .instances import CONNECTIVITY
 from .io import fs
 from .io.coordinates import read_pixel_grid
 from .io.geotiff import geotiff_path
@@ -267,6 +270,8 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
     truth = None
     if wf.evaluation is not None:
         truth = _check_truth(wf, image)
+    if wf.instances is not None:
+        _check_instances(wf, len(image.shape), plan.block_shape, resume)
     if not (resume and is_label_volume(wf.output.path)):
         check_output_free(wf.output.path, wf.output.overwrite, report_files(wf))
     notes = []
@@ -293,6 +298,40 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
     )
     check_cluster(wf.cluster, wf.inference.device, prepared.task_bytes or 0)
     return prepared
+
+
+def instances_path(wf: Workflow) -> str:
+    """Where the instance volume goes: ``instances.path``, or beside the labels."""
+    assert wf.instances is not None
+    return wf.instances.path or default_instances_path(wf.output.path)
+
+
+def instance_spec(wf: Workflow, ndim: int) -> InstanceSpec:
+    cfg = wf.instances
+    assert cfg is not None
+    return InstanceSpec(tuple(cfg.classes), cfg.neighbours(ndim), cfg.min_size, tuple(cfg.grow_into), cfg.grow_by)
+
+
+def _check_instances(wf: Workflow, ndim: int, block: tuple[int, ...], resume: bool) -> None:
+    """The instances section against the labels it will read, and its volume's place."""
+    cfg = wf.instances
+    assert cfg is not None
+    if cfg.connectivity is not None and cfg.connectivity not in CONNECTIVITY[ndim]:
+        allowed = " or ".join(map(str, CONNECTIVITY[ndim]))
+        raise PipelineError(f"instances.connectivity: {cfg.connectivity} is not a {ndim}D neighbourhood; expected {allowed}")
+    check_instance_classes(instance_spec(wf, ndim), wf.model.num_classes, "instances")
+    if cfg.grow_by and min(block) < cfg.grow_by:
+        raise PipelineError(f"instances.grow_by: {cfg.grow_by} pixels is more than the blocks' edge {min(block)}")
+    target = instances_path(wf)
+    if fs.location(target) == fs.location(wf.output.path):
+        raise PipelineError(f"instances.path: {fs.redact(target)} is output.path; expected a volume of its own")
+    check_not_an_input(target, "instances.path", protected_inputs(wf))
+    check_writable(target, "instances.path")
+    if not resume:
+        try:
+            check_output_free(target, wf.output.overwrite, table_paths(target))
+        except OutputExistsError as exc:
+            raise OutputExistsError(as_field(str(exc))) from None
 
 
 def _layout(wf: Workflow, block: tuple[int, ...]) -> str:

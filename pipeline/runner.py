@@ -15,6 +15,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
+import dask.array as da
+
 from . import __version__
 from .cluster import Connection, connect
 from .cluster.environment import allocator_environment
@@ -25,9 +27,10 @@ from .evaluation import LabelPair
 from .execution import BlockCounts, build_pyramid, execute_blocks, one_line
 from .image_set import SET_KIND, ImageSet, check_set_files, describe_set, expand_images, prepare_set
 from .inference import InferenceSpec, measure_batch_size
+from .instance_volume import InstanceResult, write_instance_volume
 from .io import fs
 from .io.geotiff import geotiff_path, write_geotiff
-from .io.images import ImageSpec, pinned_version
+from .io.images import ImageSpec, as_dask_array, pinned_version
 from .io.labels import (
     PROBABILITIES,
     changed_fingerprints,
@@ -36,12 +39,13 @@ from .io.labels import (
     is_complete,
     is_label_volume,
     mark_complete,
+    open_label_volume,
     record_reports,
     recorded_run,
     resume_label_volume,
 )
 from .io.locks import output_lock
-from .io.ome import label_group_attributes, register_label, source_image_path
+from .io.ome import label_group_attributes, label_image_name, register_label, source_image_path
 from .metrics import Scores
 from .normalization import resolve_normalization
 from .planning import (
@@ -52,6 +56,8 @@ from .planning import (
     evaluation_spec,
     ignore_mask_spec,
     input_spec,
+    instance_spec,
+    instances_path,
     label_name_in_input,
     non_finite_fill,
     prepare,
@@ -95,6 +101,7 @@ class RunState:
     megapixels_per_second: float | None = None
     error: str | None = None
     runtime: dict[str, Any] | None = None  # forward passes at once, torch threads, memory format
+    instances: dict[str, Any] | None = None  # the instance volume, its object count and tables
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +113,7 @@ class RunState:
             "tiles": self.tiles,
             "megapixels_per_second": self.megapixels_per_second,
             "runtime": self.runtime,
+            **({"instances": self.instances} if self.instances is not None else {}),
             "error": self.error,
         }
 
@@ -528,6 +536,10 @@ def _run_connected(
     print(f"labels     {fs.redact(wf.output.path)} (complete)", file=out, flush=True)
     if performance_report:
         print(f"dask       performance report {performance_report}", file=out, flush=True)
+    if wf.instances is not None:
+        t = time.perf_counter()
+        state.instances = _instances(wf, prepared, resume, out).as_dict()
+        timings["instances"] = time.perf_counter() - t
     if wf.evaluation is None or not options.evaluate:
         return None
     t = time.perf_counter()
@@ -535,6 +547,28 @@ def _run_connected(
         return _evaluate(wf, prepared, out)
     finally:
         timings["evaluate"] = time.perf_counter() - t
+
+
+def _instances(wf: Workflow, prepared: Prepared, resume: bool, out: TextIO) -> InstanceResult:
+    """The objects of the finished labels: the instance volume and its object table.
+
+    ``--resume`` recomputes them (cheap next to inference), replacing an unfinished volume
+    of this pipeline's.
+    """
+    labels = da.from_zarr(open_label_volume(wf.output.path))
+    target = instances_path(wf)
+    result = write_instance_volume(
+        labels, target, instance_spec(wf, labels.ndim),
+        overwrite=wf.output.overwrite or resume,
+        grid=prepared.pixel_grid,
+        image=as_dask_array(input_spec(wf)),
+        provenance={"labels": fs.name(wf.output.path), "workflow_file": wf.source},
+        ngff=wf.output.ngff, pyramid=wf.output.pyramid, out=out,
+    )  # fmt: skip
+    name = label_image_name(target, wf.input.image_path)
+    if name is not None:  # beside the class labels in the OME-Zarr image's labels group
+        register_label(wf.input.image_path, name)
+    return result
 
 
 def _ome_attributes(wf: Workflow, prepared: Prepared) -> dict[str, Any]:

@@ -257,3 +257,12 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
         current += step
         best = max(best, current)
     return best
+
+
+def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images are equal up to a one-to-one renaming of the non-zero ids
+    (0, no object, must be 0 in both)."""
+    if a.shape != b.shape or not np.array_equal(a == 0, b == 0):
+        return False
+    pairs = np.unique(np.stack([a.ravel().astype(np.uint64), b.ravel().astype(np.uint64)]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
