@@ -447,7 +447,7 @@ class OutputConfig(Section):
     @model_validator(mode="after")
     def _shards_need_zarr_3(self) -> OutputConfig:
         if self.shard and self.ngff == "0.4":
-            raise ValueError("shard: true needs ngff: '0.5' (zarr format 2 has no shards)")
+            raise ValueError("ngff: '0.5' with shard: true (zarr format 2 has no shards)")
         return self
 
     @property
@@ -477,6 +477,15 @@ class EvaluationConfig(Section):
     per_slice: bool = Field(default=False, description="per z-slice breakdown of label volumes")
     bootstrap: int = Field(default=0, ge=0, description="bootstrap resamples of mIoU over regions")
     confidence: float = Field(default=0.95, gt=0, lt=1)
+    instances: bool = Field(
+        default=False,
+        description="match objects too (AP over IoU 0.5:0.95, F1, PQ, adapted Rand, VI); needs the instances section",
+    )
+    truth_instances: PathStr | None = Field(
+        default=None,
+        description="an instance-label image of the truth (ids); default: connected components of "
+        "instances.classes in ground_truth",
+    )
 
     @model_validator(mode="after")
     def _palette_has_colours(self) -> EvaluationConfig:
@@ -511,7 +520,7 @@ class InstancesConfig(Section):
             raise ValueError("grow_into and grow_by together (classes to grow into, and by how many pixels)")
         both = set(self.classes) & set(self.grow_into)
         if both:
-            raise ValueError(f"grow_into: class {min(both)} is also in classes; objects grow into other classes")
+            raise ValueError(f"grow_into classes other than classes (class {min(both)} is in both)")
         return self
 
     def neighbours(self, ndim: int) -> int:
@@ -711,6 +720,18 @@ class Workflow(Section):
     )
     _source: str = PrivateAttr(default="<memory>")
 
+    @model_validator(mode="after")
+    def _instance_evaluation_has_objects(self) -> Workflow:
+        ev = self.evaluation
+        if ev is not None and (ev.instances or ev.truth_instances) and self.instances is None:
+            raise ValueError(
+                "an instances section (instances.classes) with evaluation.instances: objects are "
+                "matched only when the workflow finds them"
+            )
+        if ev is not None and ev.truth_instances and not ev.instances:
+            raise ValueError("evaluation.instances: true with evaluation.truth_instances (objects are matched only then)")
+        return self
+
     @property
     def source(self) -> str:
         """The workflow file this came from, for error messages."""
@@ -776,7 +797,7 @@ def _resolve_paths(wf: Workflow, base: str, source: str) -> Workflow:
             "input": fix(wf.input, "path"),
             "model": fix(wf.model, "path"),
             "output": fix(wf.output, "path"),
-            "evaluation": fix(fix(wf.evaluation, "ground_truth"), "ignore_mask"),
+            "evaluation": fix(fix(fix(wf.evaluation, "ground_truth"), "ignore_mask"), "truth_instances"),
             "instances": fix(wf.instances, "path"),
             "cluster": fix(fix(wf.cluster, "scheduler_file"), "log_directory"),
             "tiling": wf.tiling.model_copy(update={"skip": fix(wf.tiling.skip, "mask")}),
@@ -853,6 +874,8 @@ def format_error(source: object, err: Mapping[str, Any]) -> str:
             msg = msg[len(prefix) :]
             break
     msg = msg.replace("a valid integer", "an integer").replace("a valid ", "a ")
+    if kind == "value_error" and isinstance(got, dict):  # a section's own check: no dump of the section
+        return f"{source}: {field + ': ' if loc else ''}expected {msg}"
     return f"{source}: {field}: expected {msg}, got {got!r}"
 
 

@@ -1,4 +1,5 @@
-"""Pictures of an evaluation, drawn with Pillow: a confusion heatmap and an overlay preview.
+"""Pictures of an evaluation, drawn with Pillow: a confusion heatmap, an overlay preview and
+curves over IoU thresholds (instance matching).
 
 The preview shows, side by side and downsampled to at most ~1000 px: the image with the
 ground truth in class colours, the image with the prediction, and the errors (red where
@@ -89,6 +90,42 @@ def overlay_preview(
         canvas.paste(Image.fromarray(np.clip(panel, 0, 255).astype(np.uint8)), (n * (w + gap), head))
         draw.text((n * (w + gap) + 4, 4), label, fill="black", font=font)
     return _png(canvas)
+
+
+def threshold_curves(thresholds: list[float], curves: dict[str, list[float]], title: str) -> bytes:
+    """Curves over IoU thresholds (x) with values 0..1 (y), e.g. precision, recall, F1, as PNG."""
+    width, height, left, top, right, bottom = 640, 400, 60, 50, 150, 50
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    font, small = _font(13), _font(11)
+    x0, x1, y0, y1 = left, width - right, height - bottom, top
+    lo, hi = min(thresholds), max(thresholds)
+
+    def at(t: float, v: float) -> tuple[float, float]:
+        return x0 + (t - lo) / ((hi - lo) or 1) * (x1 - x0), y0 - v * (y0 - y1)
+
+    for k in range(6):
+        v = k / 5
+        _, y = at(lo, v)
+        draw.line([x0, y, x1, y], fill=(225, 225, 225))
+        draw.text((x0 - 34, y - 7), f"{v:.1f}", fill="black", font=small)
+    for t in thresholds[:: max(1, len(thresholds) // 5)]:
+        x, _ = at(t, 0)
+        draw.line([x, y0, x, y0 + 4], fill="black")
+        draw.text((x - 12, y0 + 8), f"{t:.2f}", fill="black", font=small)
+    draw.rectangle([x0, y1, x1, y0], outline="black")
+    for i, (name, values) in enumerate(curves.items()):
+        colour = DEFAULT_COLOURS[i % len(DEFAULT_COLOURS)]
+        points = [at(t, v) for t, v in zip(thresholds, values) if v == v]  # NaN: not drawn
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.line([x1 + 14, y1 + 10 + 20 * i, x1 + 34, y1 + 10 + 20 * i], fill=colour, width=3)
+        draw.text((x1 + 40, y1 + 3 + 20 * i), name, fill="black", font=font)
+    draw.text((8, 8), title, fill="black", font=font)
+    draw.text((x0 + (x1 - x0) // 2 - 60, height - 22), "IoU threshold", fill="black", font=font)
+    return _png(img)
 
 
 def _png(img: Image.Image) -> bytes:

@@ -62,11 +62,14 @@ class ImageSet:
     @property
     def reports(self) -> ReportFiles:
         """The pooled evaluation of the set: ``<folder>/evaluation.json``, ``.csv``, heatmap, preview."""
+        objects = self.workflow.evaluation is not None and self.workflow.evaluation.instances
         return ReportFiles(
             json=fs.join(self.folder, "evaluation.json"),
             csv=fs.join(self.folder, "evaluation.csv"),
             heatmap=fs.join(self.folder, "confusion.png"),
             preview=fs.join(self.folder, "preview.png"),
+            instances_csv=fs.join(self.folder, "instances.csv") if objects else None,
+            instances_plot=fs.join(self.folder, "instances.png") if objects else None,
         )
 
     def own_files(self) -> list[str]:
@@ -108,10 +111,16 @@ def _expand(wf: Workflow) -> ImageSet | None:
     volumes = {name: _volume(wf.output.path, name) for name in named}
     _check_outputs_outside_inputs(wf, named, volumes)
     ev = wf.evaluation
-    truths = masks = None
+    truths = masks = objects = None
     if ev is not None:
         truths = _paired(ev.ground_truth, "evaluation.ground_truth", named)
         masks = _paired(ev.ignore_mask, "evaluation.ignore_mask", named) if ev.ignore_mask else None
+        objects = _paired(ev.truth_instances, "evaluation.truth_instances", named) if ev.truth_instances else None
+    if wf.instances is not None and wf.instances.path is not None:
+        raise WorkflowError(
+            f"instances.path: one instance volume for {len(named)} images; leave it out, and each "
+            f"image's objects go beside its label volume (<name>_instances.zarr)"
+        )
     if wf.tiling.skip is not None and wf.tiling.skip.mask is not None:
         raise WorkflowError(
             f"tiling.skip.mask: one mask for {len(named)} images; a run over several images cannot "
@@ -123,7 +132,7 @@ def _expand(wf: Workflow) -> ImageSet | None:
             update={
                 "input": wf.input.model_copy(update={"path": path}),
                 "output": wf.output.model_copy(update={"path": volumes[name]}),
-                "evaluation": _image_evaluation(ev, truths, masks, name),
+                "evaluation": _image_evaluation(ev, truths, masks, objects, name),
             }
         )
         one._source = wf.source
@@ -196,7 +205,11 @@ def _paired(path: str, field: str, named: dict[str, str]) -> dict[str, str]:
 
 
 def _image_evaluation(
-    ev: EvaluationConfig | None, truths: dict[str, str] | None, masks: dict[str, str] | None, name: str
+    ev: EvaluationConfig | None,
+    truths: dict[str, str] | None,
+    masks: dict[str, str] | None,
+    objects: dict[str, str] | None,
+    name: str,
 ) -> EvaluationConfig | None:
     """One image's evaluation section: its own truth and mask. A set resamples whole images,
     so an image's checks need no regions for a bootstrap (the set's evaluation has one)."""
@@ -205,6 +218,8 @@ def _image_evaluation(
     update: dict[str, object] = {"ground_truth": truths[name], "bootstrap": 0}
     if masks is not None:
         update["ignore_mask"] = masks[name]
+    if objects is not None:
+        update["truth_instances"] = objects[name]
     return ev.model_copy(update=update)
 
 

@@ -19,7 +19,8 @@ from .coordinates import PixelGrid, describe_grid
 from .downsample import level_shapes
 from .encodings import LabelEncoding
 from .errors import EvaluationError, OutputExistsError, PipelineError
-from .evaluation import EvaluationSpec
+from .evaluation import EvaluationSpec, LabelPair
+from .instance_evaluation import InstanceEvaluationSpec
 from .instance_labels import InstanceSpec
 from .instance_volume import as_field, check_instance_classes, default_instances_path, table_paths
 from .instances import CONNECTIVITY
@@ -176,7 +177,7 @@ def non_finite_fill(wf: Workflow) -> float | None:
 
 def report_files(wf: Workflow) -> list[str]:
     """The files a run of ``wf`` writes beside its output: run.json, the evaluation's, the GeoTIFF."""
-    evaluation = [] if wf.evaluation is None else ReportFiles.beside(wf.output.path).written()
+    evaluation = [] if wf.evaluation is None else ReportFiles.beside(wf.output.path, wf.evaluation.instances).written()
     geotiff = [geotiff_path(wf.output.path)] if wf.output.geotiff else []
     return [run_json_path(wf), *evaluation, *geotiff]
 
@@ -194,6 +195,7 @@ def protected_inputs(wf: Workflow) -> dict[str, str | None]:
         "model.path": wf.model.path,
         "evaluation.ground_truth": ev.ground_truth if ev else None,
         "evaluation.ignore_mask": ev.ignore_mask if ev else None,
+        "evaluation.truth_instances": ev.truth_instances if ev else None,
         "tiling.skip.mask": wf.tiling.skip.mask if wf.tiling.skip else None,
         "workflow file": None if wf.source == "<memory>" else wf.source,
     }
@@ -310,6 +312,23 @@ def instance_spec(wf: Workflow, ndim: int) -> InstanceSpec:
     cfg = wf.instances
     assert cfg is not None
     return InstanceSpec(tuple(cfg.classes), cfg.neighbours(ndim), cfg.min_size, tuple(cfg.grow_into), cfg.grow_by)
+
+
+def instance_evaluation(wf: Workflow, shape: tuple[int, ...]) -> InstanceEvaluationSpec | None:
+    """How a run's objects are matched: its instance volume (ids) against the truth's
+    connected components of the same classes, or ``evaluation.truth_instances`` (ids)."""
+    ev = wf.evaluation
+    if ev is None or not ev.instances:
+        return None
+    return InstanceEvaluationSpec(None, None if ev.truth_instances else instance_spec(wf, len(shape)))
+
+
+def instance_pair(wf: Workflow) -> LabelPair:
+    """The run's instance volume and the truth (ids, or class labels) for object matching."""
+    ev = wf.evaluation
+    assert ev is not None
+    truth = ImageSpec(ev.truth_instances, None, "evaluation.truth_instances", volume=True) if ev.truth_instances else truth_spec(wf)
+    return LabelPair(fs.stem(wf.output.path), ImageSpec(instances_path(wf), None, "instances.path"), truth, ignore_mask_spec(wf))
 
 
 def _check_instances(wf: Workflow, ndim: int, block: tuple[int, ...], resume: bool) -> None:

@@ -27,6 +27,7 @@ from .evaluation import LabelPair
 from .execution import BlockCounts, build_pyramid, execute_blocks, one_line
 from .image_set import SET_KIND, ImageSet, check_set_files, describe_set, expand_images, prepare_set
 from .inference import InferenceSpec, measure_batch_size
+from .instance_report import format_instances
 from .instance_volume import InstanceResult, write_instance_volume
 from .io import fs
 from .io.geotiff import geotiff_path, write_geotiff
@@ -56,6 +57,8 @@ from .planning import (
     evaluation_spec,
     ignore_mask_spec,
     input_spec,
+    instance_evaluation,
+    instance_pair,
     instance_spec,
     instances_path,
     label_name_in_input,
@@ -321,13 +324,17 @@ def _evaluate_set(images: ImageSet, prepared: list[Prepared], out: TextIO) -> Sc
     if prepared[0].model.untrained:
         extra["note"] = UNTRAINED_NOTE
     files = images.reports
-    _, scores = evaluate_and_report(
-        pairs, spec, files, ev.bootstrap, ev.confidence, image=input_spec(images.images[0].workflow), extra=extra
-    )
+    objects = instance_evaluation(wf, prepared[0].plan.image_shape)
+    doc, scores = evaluate_and_report(
+        pairs, spec, files, ev.bootstrap, ev.confidence, image=input_spec(images.images[0].workflow), extra=extra,
+        instances=objects, instance_pairs=[instance_pair(item.workflow) for item in images.images] if objects else None,
+    )  # fmt: skip
     for path in files.written():
         print(f"report     {fs.redact(path)}", file=out)
     print(f"{len(pairs)} images; pooled (dataset-level) statistics:", file=out)
     print(format_table(scores, spec.names), file=out)
+    if "instances" in doc:
+        print(format_instances(doc["instances"]), file=out)
     if prepared[0].model.untrained:
         print(f"note: {UNTRAINED_NOTE}", file=out)
     return scores
@@ -700,16 +707,20 @@ def _evaluate(wf: Workflow, prepared: Prepared, out: TextIO) -> Scores:
         truth_spec(wf),
         ignore_mask_spec(wf),
     )
-    files = ReportFiles.beside(wf.output.path)
+    files = ReportFiles.beside(wf.output.path, instances=ev.instances)
     extra: dict[str, Any] = {"workflow": wf.source, "model": prepared.model.identity}
     if prepared.model.untrained:
         extra["note"] = UNTRAINED_NOTE
-    _, scores = evaluate_and_report(
-        [pair], spec, files, ev.bootstrap, ev.confidence, image=input_spec(wf), extra=extra
-    )
+    objects = instance_evaluation(wf, prepared.plan.image_shape)
+    doc, scores = evaluate_and_report(
+        [pair], spec, files, ev.bootstrap, ev.confidence, image=input_spec(wf), extra=extra,
+        instances=objects, instance_pairs=[instance_pair(wf)] if objects else None,
+    )  # fmt: skip
     for path in files.written():
         print(f"report     {fs.redact(path)}", file=out)
     print(format_table(scores, spec.names), file=out)
+    if "instances" in doc:
+        print(format_instances(doc["instances"]), file=out)
     if prepared.model.untrained:
         print(f"note: {UNTRAINED_NOTE}", file=out)
     return scores

@@ -14,7 +14,9 @@ import numpy as np
 
 from .encodings import LabelEncoding, decode
 from .evaluation import EvaluationSpec, LabelPair, evaluate_pairs
-from .figures import class_colours, confusion_heatmap, overlay_preview
+from .figures import class_colours, confusion_heatmap, overlay_preview, threshold_curves
+from .instance_evaluation import InstanceEvaluationSpec, evaluate_instance_pairs
+from .instance_report import csv_text, curves, instance_section
 from .io import fs
 from .io.images import ImageSpec, as_dask_array
 from .io.labels import is_label_volume, open_label_volume
@@ -32,20 +34,26 @@ class ReportFiles:
     csv: str | None = None
     heatmap: str | None = None
     preview: str | None = None
+    instances_csv: str | None = None  # matching per image and IoU threshold
+    instances_plot: str | None = None  # pooled precision, recall, F1 over IoU thresholds
 
     @classmethod
-    def beside(cls, output_path: str) -> ReportFiles:
-        """``out/slide.zarr`` -> ``out/slide.evaluation.json``, ``.csv``, ``.confusion.png``, ``.preview.png``."""
+    def beside(cls, output_path: str, instances: bool = False) -> ReportFiles:
+        """``out/slide.zarr`` -> ``out/slide.evaluation.json``, ``.csv``, ``.confusion.png``,
+        ``.preview.png`` (and with ``instances``, ``.instances.csv``, ``.instances.png``)."""
         stem = fs.stem(output_path)
         return cls(
             json=fs.sibling(output_path, f"{stem}.evaluation.json"),
             csv=fs.sibling(output_path, f"{stem}.evaluation.csv"),
             heatmap=fs.sibling(output_path, f"{stem}.confusion.png"),
             preview=fs.sibling(output_path, f"{stem}.preview.png"),
+            instances_csv=fs.sibling(output_path, f"{stem}.instances.csv") if instances else None,
+            instances_plot=fs.sibling(output_path, f"{stem}.instances.png") if instances else None,
         )
 
     def written(self) -> list[str]:
-        return [p for p in (self.json, self.csv, self.heatmap, self.preview) if p is not None]
+        every = (self.json, self.csv, self.heatmap, self.preview, self.instances_csv, self.instances_plot)
+        return [p for p in every if p is not None]
 
 
 def evaluate_and_report(
@@ -56,12 +64,27 @@ def evaluate_and_report(
     confidence: float = 0.95,
     image: ImageSpec | None = None,
     extra: dict[str, Any] | None = None,
+    instances: InstanceEvaluationSpec | None = None,
+    instance_pairs: list[LabelPair] | None = None,
 ) -> tuple[dict[str, Any], Scores]:
-    """Compute, summarise and write; returns the JSON document and the pooled scores."""
+    """Compute, summarise and write; returns the JSON document and the pooled scores.
+
+    With ``instances``, the objects are matched too: the document's ``instances`` section
+    (:mod:`.instance_report`), its CSV and its plot; ``instance_pairs`` (default ``pairs``):
+    where the objects are, when not in the class labels (an instance volume, say)."""
     results = evaluate_pairs(pairs, spec)
     doc = summarize(results, spec, bootstrap, confidence)
     doc.update(extra or {})
     pooled = pooled_scores(results, spec)
+    if instances is not None:
+        found = evaluate_instance_pairs(instance_pairs or pairs, instances, spec)
+        section, each, pooled_objects = instance_section(found, instances, spec.names)
+        doc["instances"] = section
+        if files.instances_csv:
+            fs.put_bytes(files.instances_csv, csv_text(found, each, pooled_objects).encode())
+        if files.instances_plot:
+            title = "objects matched: pooled precision, recall and F1 by IoU threshold"
+            fs.put_bytes(files.instances_plot, threshold_curves(list(section["thresholds"]), curves(section), title))
     if files.json:
         write_json(files.json, doc)
     if files.csv:

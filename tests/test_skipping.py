@@ -442,7 +442,7 @@ def test_validation_errors_name_the_field(tmp_path, capsys) -> None:
     _fails(
         capsys,
         ["validate", with_skip({})],
-        f"{wf}: tiling.skip: expected at least one of mask, uniform: true, below or above, got {{}}",
+        f"{wf}: tiling.skip: expected at least one of mask, uniform: true, below or above",
     )
     _fails(
         capsys,

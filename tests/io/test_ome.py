@@ -241,4 +241,4 @@ def test_ome_ngff_0_4_output_for_older_viewers_holds_the_same_labels(tmp_path) -
     for level, data in zip(levels, node.data):
         np.testing.assert_array_equal(np.asarray(data), level)  # the same labels and pyramid in either format
     refused = _pipeline_run(tmp_path, "img.tif", {"path": "x.zarr", "ngff": "0.4", "shard": True})
-    assert refused.returncode == 2 and "shard: true needs ngff: '0.5'" in refused.stderr
+    assert refused.returncode == 2 and "output: expected ngff: '0.5' with shard: true" in refused.stderr
