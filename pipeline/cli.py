@@ -228,6 +228,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--preview", default=None, help="write the overlay preview PNG of the first pair here")
     ev.add_argument("--image", default=None, help="the input image, for the preview")
     ev.add_argument("--image-channel-axis", type=int, default=None)
+    ev.add_argument(
+        "--instances", action="store_true",
+        help="match objects too: AP and F1 over IoU thresholds 0.5:0.95, panoptic quality, adapted Rand error, VI",
+    )  # fmt: skip
+    ev.add_argument("--instance-classes", type=int, nargs="+", default=None, help="classes whose connected pixels are objects")
+    ev.add_argument("--connectivity", type=int, default=None, help="4 or 8 (2D), 6, 18 or 26 (3D); default 4 / 6")
+    ev.add_argument("--prediction-ids", action="store_true", help="the prediction holds instance ids, not classes")
+    ev.add_argument("--truth-ids", action="store_true", help="the ground truth holds instance ids, not classes")
+    ev.add_argument("--instances-csv", default=None, help="write matching per image and IoU threshold here")
+    ev.add_argument("--instances-plot", default=None, help="write the precision/recall/F1 plot PNG here")
     ev.add_argument("--overwrite", action="store_true", help="replace existing report files")
     ev.add_argument(
         "--storage-options",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import dask
 import yaml
@@ -11,12 +12,17 @@ import yaml
 from .config import EvaluationConfig, format_error
 from .errors import EvaluationError, OutputExistsError, PipelineError
 from .evaluation import LabelPair, pair_paths
+from .figures import threshold_curves
+from .instance_evaluation import InstanceEvaluationSpec, evaluate_instance_pairs
+from .instance_labels import InstanceSpec
+from .instance_report import csv_text, curves, format_instances, instance_section
+from .instances import CONNECTIVITY
 from .io import fs
-from .io.images import ImageSpec, as_dask_array
-from .io.labels import is_label_volume, open_label_volume
+from .io.images import ImageSpec, as_dask_array, open_image
+from .io.labels import is_label_volume, open_label_volume, recorded_run
 from .io.locations import check_not_an_input, check_writable
 from .planning import evaluation_spec
-from .report import format_table
+from .report import format_table, write_json
 from .scorecard import ReportFiles, evaluate_and_report
 
 
@@ -30,6 +36,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
         cfg.ignore_mask,
         channel_axis_of={"prediction": axis, "ground truth": axis},
     )
+    objects = _objects(args, pairs) if args.instances else None
+    if objects is not None and (objects.prediction is None or objects.truth is None):
+        return _instances_only(args, cfg, pairs, objects)  # ids are no classes: objects are all to compare
     num_classes = args.num_classes or _num_classes(cfg, pairs)
     if num_classes < 2:
         raise PipelineError(f"--num-classes: expected an integer >= 2, got {num_classes}")
@@ -39,17 +48,80 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if cfg.bootstrap and len(pairs) == 1 and not spec.breakdown:
         raise PipelineError("--bootstrap: needs several images, --regions or --per-slice (the units to resample)")
     files = ReportFiles(
-        json=_path(args.json), csv=_path(args.csv), heatmap=_path(args.heatmap), preview=_path(args.preview)
-    )
+        json=_path(args.json), csv=_path(args.csv), heatmap=_path(args.heatmap), preview=_path(args.preview),
+        instances_csv=_path(args.instances_csv), instances_plot=_path(args.instances_plot),
+    )  # fmt: skip
     _check_report_paths(files, pairs, args)
     image = ImageSpec(args.image, args.image_channel_axis, "--image") if args.image else None
-    _, scores = evaluate_and_report(pairs, spec, files, cfg.bootstrap, cfg.confidence, image=image)
+    doc, scores = evaluate_and_report(pairs, spec, files, cfg.bootstrap, cfg.confidence, image=image, instances=objects)
     if len(pairs) > 1:
         print(f"{len(pairs)} image pairs; pooled (dataset-level) statistics:")
     print(format_table(scores, spec.names))
+    if "instances" in doc:
+        print(format_instances(doc["instances"]))
     for path in files.written():
         print(f"report: {path}")
     return 0
+
+
+def _objects(args: argparse.Namespace, pairs: list[LabelPair]) -> InstanceEvaluationSpec:
+    """How each side's objects are found (``--instances``): stored ids, or connected components."""
+    ndim = _spatial_ndim(pairs[0].prediction)
+    neighbours = args.connectivity or (4 if ndim == 2 else 6)
+    if neighbours not in CONNECTIVITY[ndim]:
+        allowed = " or ".join(map(str, CONNECTIVITY[ndim]))
+        raise PipelineError(f"--connectivity: {neighbours} is not a {ndim}D neighbourhood; expected {allowed}")
+    components = InstanceSpec(tuple(args.instance_classes), neighbours) if args.instance_classes else None
+    pred_ids = args.prediction_ids or all(_is_instance_volume(p.prediction.path) for p in pairs)
+    sides = {"prediction": None if pred_ids else components, "truth": None if args.truth_ids else components}
+    for side, found in sides.items():
+        if found is None and not (pred_ids if side == "prediction" else args.truth_ids):
+            raise PipelineError(
+                f"--instance-classes: the {side} holds classes; name the classes whose connected pixels are "
+                f"objects (e.g. --instance-classes 1), or pass --{side}-ids if it holds instance ids"
+            )
+    return InstanceEvaluationSpec(sides["prediction"], sides["truth"])
+
+
+def _instances_only(
+    args: argparse.Namespace, cfg: EvaluationConfig, pairs: list[LabelPair], objects: InstanceEvaluationSpec
+) -> int:
+    """Objects only, when a side holds instance ids: their classes are not there to compare."""
+    for flag in ("csv", "heatmap", "preview"):
+        if getattr(args, flag):
+            raise PipelineError(
+                f"--{flag}: class statistics need class labels on both sides; with instance ids only the "
+                f"objects are compared (--json, --instances-csv, --instances-plot)"
+            )
+    num_classes = args.num_classes or (2 if cfg.encoding == "binary" else len(cfg.classes or []) or 2)
+    spec = evaluation_spec(cfg, num_classes)
+    files = ReportFiles(json=_path(args.json), instances_csv=_path(args.instances_csv), instances_plot=_path(args.instances_plot))
+    _check_report_paths(files, pairs, args)
+    found = evaluate_instance_pairs(pairs, objects, spec)
+    section, each, pooled = instance_section(found, objects, spec.names)
+    if files.json:
+        write_json(files.json, {"images": len(pairs), "instances": section})
+    if files.instances_csv:
+        fs.put_bytes(files.instances_csv, csv_text(found, each, pooled).encode())
+    if files.instances_plot:
+        title = "objects matched: pooled precision, recall and F1 by IoU threshold"
+        fs.put_bytes(files.instances_plot, threshold_curves(list(section["thresholds"]), curves(section), title))
+    if len(pairs) > 1:
+        print(f"{len(pairs)} image pairs; pooled statistics:")
+    print(format_instances(section))
+    for path in files.written():
+        print(f"report: {path}")
+    return 0
+
+
+def _spatial_ndim(spec: ImageSpec) -> int:
+    if is_label_volume(spec.path):
+        return int(open_label_volume(spec.path).ndim)
+    return len(open_image(replace(spec, volume=True)).shape)
+
+
+def _is_instance_volume(path: str) -> bool:
+    return is_label_volume(path) and "instances" in (recorded_run(path) or {})
 
 
 def _config(args: argparse.Namespace) -> EvaluationConfig:
@@ -110,7 +182,10 @@ def _check_report_paths(files: ReportFiles, pairs: list[LabelPair], args: argpar
         inputs[f"ground truth {pair.name}"] = pair.truth.path
         if pair.ignore_mask is not None:
             inputs[f"ignore mask {pair.name}"] = pair.ignore_mask.path
-    flags = {files.json: "--json", files.csv: "--csv", files.heatmap: "--heatmap", files.preview: "--preview"}
+    flags = {
+        files.json: "--json", files.csv: "--csv", files.heatmap: "--heatmap", files.preview: "--preview",
+        files.instances_csv: "--instances-csv", files.instances_plot: "--instances-plot",
+    }  # fmt: skip
     for path, flag in flags.items():
         if path is None:
             continue

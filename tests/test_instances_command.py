@@ -58,7 +58,7 @@ def reference_growth(seeds: np.ndarray, class_ids: np.ndarray, into, steps: int,
     """Objects take over free pixels of ``into``, one ring per step, the smallest
     neighbouring id winning: a min filter (grey erosion) over the ids, 0 counted as none."""
     footprint = ndimage.generate_binary_structure(seeds.ndim, RANK[neighbours])
-    none = np.iinfo(np.int64).max
+    none = 2**40  # exact as a double (scipy filters pass cval as one); far above any id
     ids = seeds.astype(np.int64)
     for _ in range(steps):
         free = np.isin(class_ids, into) & (ids == 0)
@@ -271,7 +271,7 @@ def test_instances_of_labels_in_an_ome_zarr_images_labels_group_join_it(tmp_path
 
 
 def test_a_3d_stack_with_26_neighbours(tmp_path) -> None:
-    stack = blob_image((10, 48, 56), seed=3, sigma=(1.0, 2.5, 2.5))
+    stack = blob_image((10, 48, 56), seed=3, sigma=(0.5, 1.2, 1.2))
     tifffile.imwrite(tmp_path / "stack.tif", stack, metadata={"axes": "ZYX"})
     save_box_model(tmp_path)
     wf = write_workflow(
@@ -334,7 +334,7 @@ def test_pipeline_instances_on_a_label_tiff_with_growth_intensities_and_overwrit
     first_tables = tree(tmp_path)
 
     # Again without --overwrite: refused, nothing touched.
-    refused(run_pipeline(*args, cwd=tmp_path), "--out", "--overwrite")
+    refused(run_pipeline(*args, cwd=tmp_path), "labels_instances.zarr already exists", "set --overwrite")
     assert tree(tmp_path) == first_tables
     # --grow-by without --grow-into: refused, nothing written.
     refused(run_pipeline(*args, "--grow-by", "2", "--out", "other.zarr", cwd=tmp_path), "--grow-by", "--grow-into")
