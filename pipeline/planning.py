@@ -273,7 +273,7 @@ def _prepare(wf: Workflow, resume: bool) -> Prepared:
     if wf.evaluation is not None:
         truth = _check_truth(wf, image)
     if wf.instances is not None:
-        _check_instances(wf, len(image.shape), plan.block_shape, resume)
+        _check_instances(wf, image.shape, plan.block_shape, resume)
     if not (resume and is_label_volume(wf.output.path)):
         check_output_free(wf.output.path, wf.output.overwrite, report_files(wf))
     notes = []
@@ -331,10 +331,23 @@ def instance_pair(wf: Workflow) -> LabelPair:
     return LabelPair(fs.stem(wf.output.path), ImageSpec(instances_path(wf), None, "instances.path"), truth, ignore_mask_spec(wf))
 
 
-def _check_instances(wf: Workflow, ndim: int, block: tuple[int, ...], resume: bool) -> None:
-    """The instances section against the labels it will read, and its volume's place."""
+def _check_instances(wf: Workflow, shape: tuple[int, ...], block: tuple[int, ...], resume: bool) -> None:
+    """The instances section against the labels it will read, its volume's place, and the
+    truth's instance ids when given."""
     cfg = wf.instances
     assert cfg is not None
+    ndim = len(shape)
+    ev = wf.evaluation
+    if ev is not None and ev.truth_instances:
+        truth = open_image(ImageSpec(ev.truth_instances, None, "evaluation.truth_instances", volume=True))
+        shown = fs.redact(ev.truth_instances)
+        if truth.shape != shape or truth.channels != 1:
+            raise EvaluationError(
+                f"evaluation.truth_instances: {shown} has shape {truth.shape} with {truth.channels} channel(s), but "
+                f"the image has spatial shape {shape}; expected one channel of instance ids of that shape"
+            )
+        if not np.issubdtype(truth.dtype, np.integer):
+            raise EvaluationError(f"evaluation.truth_instances: {shown}: expected integer instance ids, got dtype {truth.dtype}")
     if cfg.connectivity is not None and cfg.connectivity not in CONNECTIVITY[ndim]:
         allowed = " or ".join(map(str, CONNECTIVITY[ndim]))
         raise PipelineError(f"instances.connectivity: {cfg.connectivity} is not a {ndim}D neighbourhood; expected {allowed}")
@@ -495,8 +508,23 @@ def describe_plan(p: Prepared, evaluation: bool = True) -> str:
     ]
     if wf.output.geotiff:
         lines.append(f"geotiff    {fs.redact(geotiff_path(wf.output.path))} ({_geotiff_line(p)})")
+    if wf.instances is not None:
+        spec = instance_spec(wf, len(img.shape))
+        growth = f", grown by up to {spec.grow_by} px into classes {list(spec.grow_into)}" if spec.grow_by else ""
+        lines.append(
+            f"instances  {fs.redact(instances_path(wf))}: uint64 ids of the {spec.connectivity}-connected objects of "
+            f"classes {list(spec.classes)}" + (f" of at least {spec.min_size} px" if spec.min_size else "") + growth
+            + ", object table beside it (.objects.parquet, .objects.csv)"
+        )
     if wf.evaluation is not None and evaluation:
         lines.append(f"evaluation {fs.redact(wf.evaluation.ground_truth)} ({wf.evaluation.encoding}) -> {fs.redact(p.report_path or '')}")
+        if wf.evaluation.instances:
+            truth = wf.evaluation.truth_instances
+            lines.append(
+                "           objects matched against "
+                + (f"the instance ids of {fs.redact(truth)}" if truth else "the truth's objects (the same classes and connectivity)")
+                + ": AP/F1 at IoU 0.50:0.95, PQ, adapted Rand, VI"
+            )
     if p.skip is not None:
         lines.append(f"skip       {p.skip.describe(plan.n_blocks)}")
     lines.append(f"cluster    {p.cluster.describe()}")
