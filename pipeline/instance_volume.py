@@ -121,16 +121,16 @@ def as_field(message: str, field: str = FIELD, overwrite: str = "output.overwrit
     return message.replace("set output.overwrite: true", f"set {overwrite}")
 
 
-def check_instance_classes(spec: InstanceSpec, num_classes: int | None, field: str) -> None:
-    """Refuse class ids the labels cannot hold (``num_classes`` None: unknown, not checked)."""
-    for name, ids in (("classes", spec.classes), ("grow_into", spec.grow_into)):
+def check_instance_classes(spec: InstanceSpec, num_classes: int | None, fields: tuple[str, str]) -> None:
+    """Refuse class ids the labels cannot hold (``num_classes`` None: unknown, not checked);
+    ``fields`` name the classes and the grow-into classes in messages."""
+    for field, ids in zip(fields, (spec.classes, spec.grow_into)):
         bad = [c for c in ids if c < 0 or (num_classes is not None and c >= num_classes)]
         if bad:
-            raise PipelineError(
-                f"{field}.{name}: class {bad[0]} is not a class of the labels (expected 0..{(num_classes or 1) - 1})"
-            )
+            expected = f"0..{num_classes - 1}" if num_classes is not None else "ids >= 0"
+            raise PipelineError(f"{field}: class {bad[0]} is not a class of the labels (expected {expected})")
     overlap = set(spec.classes) & set(spec.grow_into)
     if overlap:
         raise PipelineError(
-            f"{field}.grow_into: class {min(overlap)} is also in {field}.classes; objects grow into other classes"
+            f"{fields[1]}: class {min(overlap)} is also in {fields[0]}; objects grow into other classes"
         )

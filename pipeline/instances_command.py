@@ -22,6 +22,7 @@ from .io.coordinates import read_pixel_grid
 from .io.images import ImageSpec, as_dask_array, open_image
 from .io.labels import is_label_volume, open_label_volume, recorded_run
 from .io.locations import check_not_an_input, check_writable
+from .io.ome import check_label_group, label_image_name, register_label
 
 
 def instances_command(args: argparse.Namespace) -> int:
@@ -40,15 +41,19 @@ def instances_command(args: argparse.Namespace) -> int:
     spec = InstanceSpec(
         tuple(args.classes), neighbours, args.min_size, tuple(args.grow_into or ()), args.grow_by
     )
-    check_instance_classes(spec, num_classes, "--instances")
+    check_instance_classes(spec, num_classes, ("--classes", "--grow-into"))
     if spec.grow_by and min(labels.chunksize) < spec.grow_by:
         raise PipelineError(
             f"--grow-by: {spec.grow_by} pixels is more than the blocks' edge {min(labels.chunksize)}"
         )
     target = args.out or default_instances_path(args.labels, zarr=is_label_volume(args.labels))
-    check_not_an_input(
-        target, "--out", {"LABELS": args.labels, **({"--image": args.image} if args.image else {})}
-    )
+    image_root = fs.parent(fs.parent(target))  # when the target is <image>/labels/<name>
+    name = label_image_name(target, image_root)
+    inputs = {"LABELS": args.labels, **({"--image": args.image} if args.image else {})}
+    if name is not None:  # beside the classes in an OME-Zarr image's labels group: listed there when done
+        check_label_group(image_root, name)
+        inputs = {k: v for k, v in inputs.items() if not (v and fs.location(v) == fs.location(image_root))}
+    check_not_an_input(target, "--out", inputs)
     check_writable(target, "--out")
     image = None
     if args.image:
@@ -65,6 +70,8 @@ def instances_command(args: argparse.Namespace) -> int:
         provenance={"labels": fs.name(args.labels)}, ngff="0.5", pyramid=not args.no_pyramid, out=sys.stdout,
         names=("--out" if args.out else "LABELS_instances", "--overwrite"),
     )  # fmt: skip
+    if name is not None:
+        register_label(image_root, name)
     return 0 if result.path else 1
 
 

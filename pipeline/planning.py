@@ -351,13 +351,18 @@ def _check_instances(wf: Workflow, shape: tuple[int, ...], block: tuple[int, ...
     if cfg.connectivity is not None and cfg.connectivity not in CONNECTIVITY[ndim]:
         allowed = " or ".join(map(str, CONNECTIVITY[ndim]))
         raise PipelineError(f"instances.connectivity: {cfg.connectivity} is not a {ndim}D neighbourhood; expected {allowed}")
-    check_instance_classes(instance_spec(wf, ndim), wf.model.num_classes, "instances")
+    check_instance_classes(instance_spec(wf, ndim), wf.model.num_classes, ("instances.classes", "instances.grow_into"))
     if cfg.grow_by and min(block) < cfg.grow_by:
         raise PipelineError(f"instances.grow_by: {cfg.grow_by} pixels is more than the blocks' edge {min(block)}")
     target = instances_path(wf)
     if fs.location(target) == fs.location(wf.output.path):
         raise PipelineError(f"instances.path: {fs.redact(target)} is output.path; expected a volume of its own")
-    check_not_an_input(target, "instances.path", protected_inputs(wf))
+    inputs = protected_inputs(wf)
+    name = label_image_name(target, wf.input.image_path)
+    if name is not None:  # beside the classes in an OME-Zarr input's labels group
+        check_label_group(wf.input.image_path, name)
+        inputs = {k: v for k, v in inputs.items() if k != "input.path"}
+    check_not_an_input(target, "instances.path", inputs)
     check_writable(target, "instances.path")
     if not resume:
         try:

@@ -24,14 +24,22 @@ from tests.helpers import BoxFilterNet, run_pipeline, same_up_to_relabelling, wr
 
 RANK = {4: 1, 8: 2, 6: 1, 18: 2, 26: 3}
 # normalised (x - 127): class 0 where the 3 x 3 box sum is bright, class 2 where it is dark
-MODEL = {"arch": "torchscript", "path": "box.pt", "num_classes": 3, "halo": 1, "normalize": {"mean": 127, "std": 1}}
+MODEL = {
+    "arch": "torchscript",
+    "path": "box.pt",
+    "num_classes": 3,
+    "halo": 1,
+    "normalize": {"mean": 127, "std": 1},
+}
 CLUSTER = {"n_workers": 1, "threads_per_worker": 2}
 
 
 # ----------------------------------------------------------------------------- references
 
 
-def blob_image(shape: tuple[int, ...], seed: int, sigma: float | tuple[float, ...] = 5.0) -> np.ndarray:
+def blob_image(
+    shape: tuple[int, ...], seed: int, sigma: float | tuple[float, ...] = 5.0
+) -> np.ndarray:
     """Dark blobs (about 60) on a bright background (about 190), with noise: uint8."""
     rng = np.random.default_rng(seed)
     field = ndimage.gaussian_filter(rng.random(shape), sigma)
@@ -39,7 +47,9 @@ def blob_image(shape: tuple[int, ...], seed: int, sigma: float | tuple[float, ..
     return (np.where(dark, 60, 190) + rng.integers(-25, 26, shape)).clip(0, 255).astype(np.uint8)
 
 
-def reference_labels(class_ids: np.ndarray, classes, neighbours: int, min_size: int = 0) -> np.ndarray:
+def reference_labels(
+    class_ids: np.ndarray, classes, neighbours: int, min_size: int = 0
+) -> np.ndarray:
     """``scipy.ndimage.label`` of each class on the whole array (classes kept apart), objects
     of fewer than ``min_size`` pixels dropped."""
     footprint = ndimage.generate_binary_structure(class_ids.ndim, RANK[neighbours])
@@ -54,7 +64,9 @@ def reference_labels(class_ids: np.ndarray, classes, neighbours: int, min_size: 
     return out
 
 
-def reference_growth(seeds: np.ndarray, class_ids: np.ndarray, into, steps: int, neighbours: int) -> np.ndarray:
+def reference_growth(
+    seeds: np.ndarray, class_ids: np.ndarray, into, steps: int, neighbours: int
+) -> np.ndarray:
     """Objects take over free pixels of ``into``, one ring per step, the smallest
     neighbouring id winning: a min filter (grey erosion) over the ids, 0 counted as none."""
     footprint = ndimage.generate_binary_structure(seeds.ndim, RANK[neighbours])
@@ -62,7 +74,9 @@ def reference_growth(seeds: np.ndarray, class_ids: np.ndarray, into, steps: int,
     ids = seeds.astype(np.int64)
     for _ in range(steps):
         free = np.isin(class_ids, into) & (ids == 0)
-        nearest = ndimage.grey_erosion(np.where(ids == 0, none, ids), footprint=footprint, mode="constant", cval=none)
+        nearest = ndimage.grey_erosion(
+            np.where(ids == 0, none, ids), footprint=footprint, mode="constant", cval=none
+        )
         take = free & (nearest != none)
         ids[take] = nearest[take]
     return ids
@@ -79,7 +93,9 @@ def read_tables(volume: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarr
     parquet = pq.read_table(volume.parent / f"{stem}.objects.parquet").to_pydict()
     with open(volume.parent / f"{stem}.objects.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    from_csv = {name: np.array([float(r[name]) for r in rows]) for name in (rows[0] if rows else [])}
+    from_csv = {
+        name: np.array([float(r[name]) for r in rows]) for name in (rows[0] if rows else [])
+    }
     return {k: np.asarray(v, dtype=np.float64) for k, v in parquet.items()}, from_csv
 
 
@@ -95,7 +111,9 @@ def check_table(
     centroid, mean intensity of ``image``), with the class of each object's own pixels."""
     parquet, from_csv = read_tables(volume)
     labels = ids.astype(np.int64)
-    properties = ["label", "area", "bbox", "centroid"] + (["intensity_mean"] if image is not None else [])
+    properties = ["label", "area", "bbox", "centroid"] + (
+        ["intensity_mean"] if image is not None else []
+    )
     expected = regionprops_table(labels, intensity_image=image, properties=properties)
     if image is not None:
         expected["mean_intensity-0"] = expected.pop("intensity_mean")
@@ -130,7 +148,9 @@ def check_pyramid(group: zarr.Group, ids: np.ndarray, levels: int) -> None:
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def refused(done, *needles: str) -> str:
@@ -157,7 +177,9 @@ def save_box_model(folder: Path) -> None:
 # ----------------------------------------------------------------------------- pipeline run
 
 
-def test_a_run_writes_instances_and_tables_and_pipeline_instances_on_its_labels_agrees(tmp_path) -> None:
+def test_a_run_writes_instances_and_tables_and_pipeline_instances_on_its_labels_agrees(
+    tmp_path,
+) -> None:
     image = blob_image((300, 230), seed=1)
     tifffile.imwrite(tmp_path / "img.tif", image)
     save_box_model(tmp_path)
@@ -211,15 +233,26 @@ def test_a_run_writes_instances_and_tables_and_pipeline_instances_on_its_labels_
     again_group, again_ids = read_volume(out / "again.zarr")
     np.testing.assert_array_equal(again_ids, ids)
     check_pyramid(again_group, again_ids, levels)
-    again_table = check_table(out / "again.zarr", again_ids, class_ids, [2])  # no --image: no intensities
+    again_table = check_table(
+        out / "again.zarr", again_ids, class_ids, [2]
+    )  # no --image: no intensities
     for name, values in again_table.items():
         np.testing.assert_array_equal(values, table[name])
 
     # A 2D volume has no 6-neighbourhood; nothing is written.
     before = tree(tmp_path)
     refused(
-        run_pipeline("instances", str(out / "labels.zarr"), "--classes", "2", "--connectivity", "6",
-                     "--out", str(out / "six.zarr"), cwd=tmp_path),  # fmt: skip
+        run_pipeline(
+            "instances",
+            str(out / "labels.zarr"),
+            "--classes",
+            "2",
+            "--connectivity",
+            "6",
+            "--out",
+            str(out / "six.zarr"),
+            cwd=tmp_path,
+        ),  # fmt: skip
         "error: --connectivity: 6 ",
     )
     assert tree(tmp_path) == before
@@ -228,20 +261,22 @@ def test_a_run_writes_instances_and_tables_and_pipeline_instances_on_its_labels_
 def _ome_zarr_image(path: Path, data: np.ndarray) -> None:
     """An OME-NGFF 0.5 image as other tools write it (two levels), 0.5 um pixels."""
     group = zarr.open_group(path, mode="w", zarr_format=3)
-    axes = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
-    datasets = [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [0.5 * 2**k] * 2}]} for k in range(2)]
+    axes = [
+        {"name": "y", "type": "space", "unit": "micrometer"},
+        {"name": "x", "type": "space", "unit": "micrometer"},
+    ]
+    datasets = [
+        {
+            "path": str(k),
+            "coordinateTransformations": [{"type": "scale", "scale": [0.5 * 2**k] * 2}],
+        }
+        for k in range(2)
+    ]
     group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets}]}
     group.create_array("0", data=data, chunks=(32, 32), dimension_names=["y", "x"])
     group.create_array("1", data=data[::2, ::2], chunks=(32, 32), dimension_names=["y", "x"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/planning.py _check_instances: check_not_an_input(target, 'instances.path', "
-    "protected_inputs(wf)) keeps input.path protected even where the labels go into the OME-Zarr input's "
-    "labels group (check_output_location exempts it for output.path), so `pipeline run` exits 2 with "
-    "'instances.path: <img.zarr>/labels/cells_instances lies inside the input.path <img.zarr>'",
-)
 def test_instances_of_labels_in_an_ome_zarr_images_labels_group_join_it(tmp_path) -> None:
     from ome_zarr_models.v05.image_label import ImageLabel
 
@@ -255,7 +290,10 @@ def test_instances_of_labels_in_an_ome_zarr_images_labels_group_join_it(tmp_path
     done = run_pipeline("run", str(wf), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     labels = tmp_path / "img.zarr" / "labels"
-    assert zarr.open_group(str(labels), mode="r").attrs["ome"]["labels"] == ["cells", "cells_instances"]
+    assert zarr.open_group(str(labels), mode="r").attrs["ome"]["labels"] == [
+        "cells",
+        "cells_instances",
+    ]
     _, class_ids = read_volume(labels / "cells")
     volume = labels / "cells_instances"
     group, ids = read_volume(volume)
@@ -264,7 +302,9 @@ def test_instances_of_labels_in_an_ome_zarr_images_labels_group_join_it(tmp_path
         {"type": "scale", "scale": [0.5, 0.5]}
     ]
     assert same_up_to_relabelling(ids, reference_labels(class_ids, [0, 2], 4))
-    table = check_table(volume, ids, class_ids, [0, 2], image=image, area_column=("area_micrometer2", 0.25))
+    table = check_table(
+        volume, ids, class_ids, [0, 2], image=image, area_column=("area_micrometer2", 0.25)
+    )
     assert set(table["class"]) == {0, 2}
     record = json.loads((labels / "cells.run.json").read_text())
     assert record["instances"]["objects"] == len(table["label"])
@@ -287,7 +327,9 @@ def test_a_3d_stack_with_26_neighbours(tmp_path) -> None:
     group, ids = read_volume(volume)
     reference = reference_labels(class_ids, [2], 26, min_size=2)
     assert same_up_to_relabelling(ids, reference)
-    assert not same_up_to_relabelling(ids, reference_labels(class_ids, [2], 6, min_size=2))  # 26 matters here
+    assert not same_up_to_relabelling(
+        ids, reference_labels(class_ids, [2], 6, min_size=2)
+    )  # 26 matters here
     table = check_table(volume, ids, class_ids, [2], image=stack)
     assert {f"bbox-{k}" for k in range(6)} <= set(table) and "centroid-2" in table
     assert crosses(table, 0, 3, chunks[0])
@@ -314,12 +356,16 @@ def _cells_and_borders(shape: tuple[int, int], seed: int) -> np.ndarray:
 
 
 def test_pipeline_instances_on_a_label_tiff_with_growth_intensities_and_overwrite(tmp_path) -> None:
-    class_ids = _cells_and_borders((1100, 240), seed=4)  # LABELS are read in blocks of 1024 rows: one seam
+    class_ids = _cells_and_borders(
+        (1100, 240), seed=4
+    )  # LABELS are read in blocks of 1024 rows: one seam
     intensity = np.random.default_rng(5).integers(0, 4000, class_ids.shape).astype(np.uint16)
     tifffile.imwrite(tmp_path / "labels.tif", class_ids)
     tifffile.imwrite(tmp_path / "img.tif", intensity)
     args = ["instances", "labels.tif", "--classes", "1", "--connectivity", "8", "--min-size", "6"]
-    done = run_pipeline(*args, "--grow-into", "2", "--grow-by", "3", "--image", "img.tif", cwd=tmp_path)
+    done = run_pipeline(
+        *args, "--grow-into", "2", "--grow-by", "3", "--image", "img.tif", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     volume = tmp_path / "labels_instances.zarr"  # beside LABELS by default
     group, ids = read_volume(volume)
@@ -334,10 +380,16 @@ def test_pipeline_instances_on_a_label_tiff_with_growth_intensities_and_overwrit
     first_tables = tree(tmp_path)
 
     # Again without --overwrite: refused, nothing touched.
-    refused(run_pipeline(*args, cwd=tmp_path), "labels_instances.zarr already exists", "set --overwrite")
+    refused(
+        run_pipeline(*args, cwd=tmp_path), "labels_instances.zarr already exists", "set --overwrite"
+    )
     assert tree(tmp_path) == first_tables
     # --grow-by without --grow-into: refused, nothing written.
-    refused(run_pipeline(*args, "--grow-by", "2", "--out", "other.zarr", cwd=tmp_path), "--grow-by", "--grow-into")
+    refused(
+        run_pipeline(*args, "--grow-by", "2", "--out", "other.zarr", cwd=tmp_path),
+        "--grow-by",
+        "--grow-into",
+    )
     assert tree(tmp_path) == first_tables
 
     # --overwrite replaces the volume and both tables (no growth, a larger minimum, level 0 only).
@@ -352,15 +404,12 @@ def test_pipeline_instances_on_a_label_tiff_with_growth_intensities_and_overwrit
     assert "mean_intensity-0" not in replaced
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/instances_command.py calls check_instance_classes(spec, num_classes, '--instances'): "
-    "its errors name the flags '--instances.classes' / '--instances.grow_into', which do not exist "
-    "(the flags are --classes and --grow-into)",
-)
 @pytest.mark.parametrize(
     "flags, flag",
-    [(["--classes", "1", "--grow-into", "1", "--grow-by", "2"], "--grow-into"), (["--classes", "-1"], "--classes")],
+    [
+        (["--classes", "1", "--grow-into", "1", "--grow-by", "2"], "--grow-into"),
+        (["--classes", "-1"], "--classes"),
+    ],
 )
 def test_pipeline_instances_class_errors_name_its_own_flags(tmp_path, flags, flag) -> None:
     tifffile.imwrite(tmp_path / "labels.tif", _cells_and_borders((64, 64), seed=6))
@@ -384,10 +433,20 @@ def _error_case(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
     elif case == "path is output.path":
         instances["path"] = "out/labels.zarr"
         needles.append("is output.path")
-    elif case == "volume exists":  # an instance volume there already, written by `pipeline instances`
+    elif (
+        case == "volume exists"
+    ):  # an instance volume there already, written by `pipeline instances`
         (tmp_path / "out").mkdir()
         tifffile.imwrite(tmp_path / "other.tif", _cells_and_borders((96, 96), seed=8))
-        done = run_pipeline("instances", "other.tif", "--classes", "1", "--out", "out/labels_instances.zarr", cwd=tmp_path)
+        done = run_pipeline(
+            "instances",
+            "other.tif",
+            "--classes",
+            "1",
+            "--out",
+            "out/labels_instances.zarr",
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr
         needles += ["labels_instances.zarr already exists", "output.overwrite: true"]
     wf = write_workflow(
@@ -401,7 +460,9 @@ def _error_case(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
     "case, command",
     [("class out of range", "validate"), ("path is output.path", "run"), ("volume exists", "run")],
 )
-def test_a_workflows_instances_section_is_refused_before_anything_is_written(tmp_path, case, command) -> None:
+def test_a_workflows_instances_section_is_refused_before_anything_is_written(
+    tmp_path, case, command
+) -> None:
     wf, needles = _error_case(tmp_path, case)
     before = tree(tmp_path)
     refused(run_pipeline(command, str(wf), cwd=tmp_path), *needles)
