@@ -224,6 +224,27 @@ class SlowBoxFilter(BoxFilterNet):
         return super().forward(x)
 
 
+class GatedBoxFilter(BoxFilterNet):
+    """A box filter whose forward passes in a Dask task wait until the file ``gate`` exists
+    (at most ``timeout`` seconds): a run that provably is still running while a test acts."""
+
+    def __init__(self, radius: int, weight: list, gate: str, timeout: float = 300.0) -> None:
+        super().__init__(radius, np.asarray(weight))
+        self.gate, self.timeout = gate, timeout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            from distributed import get_worker
+
+            get_worker()
+        except ValueError:
+            return super().forward(x)
+        deadline = time.monotonic() + self.timeout
+        while not Path(self.gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return super().forward(x)
+
+
 class ConcurrencyLog(BoxFilterNet):
     """A box filter that sleeps ``seconds`` per forward pass in a Dask task and logs when
     each began and ended (``log``: one ``start end`` line each): how many ran at once."""

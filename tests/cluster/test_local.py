@@ -186,30 +186,44 @@ def test_ctrl_c_prints_one_message_not_worker_tracebacks(tmp_path) -> None:
 
 
 def test_two_runs_on_one_output_never_interleave(tmp_path) -> None:
-    """The second run (overwrite: true) fails clearly while the first holds the output."""
-    wf = _slow_workflow(tmp_path, overwrite=True)
-    first = subprocess.Popen(
-        [PIPELINE, "run", wf], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    _wait_for(tmp_path / "out" / "demo.zarr" / "0" / "zarr.json")
-    run_id = zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r").attrs["pipeline"]["run_id"]
-    # Freeze the first run (driver and workers) so that it still holds the output however fast this
-    # machine is; a stopped process keeps its lock, as a slow one does.
-    os.killpg(first.pid, signal.SIGSTOP)
+    """The second run (overwrite: true) fails clearly while the first holds the output.
+
+    The first run's blocks wait for a gate file, so it still holds the output however fast
+    or loaded the machine is; the gate opens once the second run has been refused."""
+    from pipeline.demo import write_demo_data
+
+    write_demo_data(str(tmp_path / "data"), size=256, seed=0)
+    gate = tmp_path / "gate"
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump({
+        "input": {"path": "data/image.tif"},
+        "model": {"arch": "custom", "factory": "tests.helpers:GatedBoxFilter", "num_classes": 2, "halo": 1,
+                  "normalize": {"mean": 128.0, "std": 64.0},
+                  "kwargs": {"radius": 1, "weight": [[1], [-1]], "gate": str(gate)}},
+        "tiling": {"tile": 128},
+        "inference": {"torch_threads": 1, "channels_last": False},  # no measuring pass on a worker: it would wait too
+        "output": {"path": "out/demo.zarr", "overwrite": True},
+        "cluster": {"n_workers": 1, "threads_per_worker": 1},
+    }))  # fmt: skip
+    wf = str(tmp_path / "wf.yaml")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([PIPELINE, "run", wf], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
+        _wait_for(tmp_path / "out" / "demo.zarr" / "0" / "zarr.json")
+        run_id = zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r").attrs["pipeline"]["run_id"]
         for command in ("validate", "run"):
-            second = subprocess.run([PIPELINE, command, wf], capture_output=True, text=True, timeout=300)
+            second = subprocess.run([PIPELINE, command, wf], capture_output=True, text=True, timeout=300, env=env)
             assert second.returncode == 2, second.stderr
             assert "is being written by another run (pid" in second.stderr and "Traceback" not in second.stderr
+            assert first.poll() is None  # still running: the refusal was not a race won by luck
     finally:
-        os.killpg(first.pid, signal.SIGCONT)
+        gate.touch()
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     group = zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r")
     assert group.attrs["pipeline"]["run_id"] == run_id and group.attrs["pipeline"]["status"] == "complete"
     assert not (tmp_path / "out" / ".demo.zarr.lock").exists()
     # and once it is done, the same workflow may replace it
-    again = subprocess.run([PIPELINE, "run", wf], capture_output=True, text=True, timeout=300)
+    again = subprocess.run([PIPELINE, "run", wf], capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr
     assert zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r").attrs["pipeline"]["run_id"] != run_id
 
