@@ -30,8 +30,9 @@ from pydantic import (
 )
 
 from .downsample import Downsampling
-from .errors import WorkflowError
+from .errors import ModelError, WorkflowError
 from .io import fs
+from .io.checkpoints import expand_model_section
 from .mirror import MirrorMode
 
 
@@ -773,14 +774,32 @@ def parse_workflow(raw: object, source: str | Path = "<memory>") -> Workflow:
             f"{source}: expected a mapping with sections input, model, output, ..., "
             f"got {type(raw).__name__}"
         )
+    base = str(Path.cwd()) if str(source) == "<memory>" else fs.parent(str(source))
+    raw = _with_checkpoint(raw, base, source)
     try:
         workflow = Workflow.model_validate(raw)
     except ValidationError as exc:
         lines = [format_error(source, err) for err in exc.errors()]
         raise WorkflowError("\n".join(lines)) from None
     source = str(source)
-    base = str(Path.cwd()) if source == "<memory>" else fs.parent(source)
     return _resolve_paths(workflow, base, source)
+
+
+def _with_checkpoint(raw: dict, base: str, source: str | Path) -> dict:
+    """A model section naming only a trained checkpoint (``path``, no ``arch``) completed
+    from the description beside its weights (:mod:`pipeline.io.checkpoints`)."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or "arch" in model or not isinstance(model.get("path"), str) or not model["path"]:
+        return raw
+    weights = resolve_path(model["path"], base)
+    try:
+        with fs.rules_applied(fs.StorageRules.build(raw.get("storage_options") or {}, {})):
+            expanded = expand_model_section(model, weights)
+    except ModelError as exc:
+        raise WorkflowError(f"{source}: {exc}") from None
+    except (OSError, TypeError, ValueError):
+        return raw  # unreadable here: validation then says what is missing
+    return {**raw, "model": expanded}
 
 
 def _resolve_paths(wf: Workflow, base: str, source: str) -> Workflow:
