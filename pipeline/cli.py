@@ -145,6 +145,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     return evaluate_command(args)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train_command import train_command
+
+    return train_command(args.workflow, resume=args.resume)
+
+
 def _instances(args: argparse.Namespace) -> int:
     from .instances_command import instances_command
 
@@ -247,6 +253,16 @@ def _parser() -> argparse.ArgumentParser:
         "(credentials: from the environment or a profile)",
     )
     ev.set_defaults(handler=_evaluate)
+
+    tr = sub.add_parser(
+        "train",
+        help="fit a built-in U-Net or dilated network to image/label pairs (a checkpoint pipeline run loads)",
+        description="Trains with the U-Net paper's recipe (mirrored patches, elastic deformation, weighted "
+        "loss), validates each epoch and keeps the best checkpoint (.safetensors + .json).",
+    )
+    tr.add_argument("workflow", help="workflow YAML with model and train sections")
+    tr.add_argument("--resume", action="store_true", help="continue from the last saved epoch")
+    tr.set_defaults(handler=_train)
 
     inst = sub.add_parser(
         "instances",

@@ -705,6 +705,78 @@ ClusterConfig = Annotated[
 ]
 
 
+class TrainData(Section):
+    """Image/label pairs: files, folders, globs or lists, paired by name as evaluation pairs them."""
+
+    images: PathsStr
+    labels: PathsStr
+    channel_axis: int | None = Field(default=None, description="of the images; null: one channel, or RGB last")
+
+
+class ElasticConfig(Section):
+    grid: int = Field(default=3, ge=2, le=32, description="displacement lattice points per axis")
+    sigma: float = Field(default=10.0, ge=0, description="standard deviation of the displacements, pixels")
+
+
+class AugmentConfig(Section):
+    elastic: ElasticConfig | None = Field(default_factory=ElasticConfig, description="null: no elastic deformation")
+    flips: bool = True
+    rotations: bool = Field(default=True, description="quarter turns (square patches)")
+    intensity: float = Field(default=0.1, ge=0, le=1, description="contrast and brightness jitter")
+
+
+class BorderWeightConfig(Section):
+    w0: float = Field(default=10.0, ge=0)
+    sigma: float = Field(default=5.0, gt=0)
+    classes: list[Annotated[int, Field(ge=0)]] = Field(
+        min_length=1, description="classes whose connected components are the objects (cells)"
+    )
+
+
+class TrainConfig(Section):
+    """How to fit the model (pipeline/train): data, patches, augmentation, loss, optimiser."""
+
+    data: TrainData
+    validation: TrainData | None = None
+    encoding: Literal["indices", "binary", "palette"] = "indices"
+    classes: list[ClassConfig] | None = Field(default=None, description="names (and palette colours) in id order")
+    ignore_index: int | None = Field(default=None, ge=0)
+    ignore_colours: list[Annotated[tuple[int, int, int], PlainValidator(_colour), _TupleAsList]] = Field(
+        default_factory=list
+    )
+    patch: int = Field(default=256, ge=8, description="input patch edge; rounded up to a legal size")
+    batch_size: int = Field(default=4, ge=1)
+    epochs: int = Field(default=10, ge=1)
+    steps_per_epoch: int = Field(default=50, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    learning_rate: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.99, ge=0, lt=1, description="SGD momentum (the U-Net paper: 0.99)")
+    schedule: Literal["constant", "cosine"] = "cosine"
+    loss: Literal["cross_entropy", "dice", "cross_entropy+dice"] = "cross_entropy"
+    class_balance: bool = Field(default=True, description="weigh classes by inverse frequency")
+    border_weight: BorderWeightConfig | None = Field(default=None, description="the U-Net paper's separation weights")
+    augment: AugmentConfig = AugmentConfig()
+    seed: int = Field(default=0, ge=0)
+    device: Annotated[str, PlainValidator(_device)] = "auto"
+    threads: int | None = Field(default=None, ge=1, description="torch threads; default: all cores")
+    output: PathStr = Field(description="the checkpoint (.safetensors) written, with its .json description")
+    overwrite: bool = False
+    time_limit: Duration | None = Field(default=None, description="stop after this long (the best checkpoint is kept)")
+
+
+class TrainWorkflow(Section):
+    """``pipeline train``: a model section and a train section."""
+
+    model: ModelConfig
+    train: TrainConfig
+    storage_options: StorageOptions = Field(default_factory=dict, description=_STORAGE_DOC)
+    _source: str = PrivateAttr(default="<memory>")
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+
 class Workflow(Section):
     input: InputConfig
     model: ModelConfig

@@ -1,0 +1,113 @@
+"""Training: the loss falls on a tiny problem, a resumed run continues exactly, and a
+checkpoint from `pipeline train` reproduces its recorded validation figures in `pipeline run`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from scipy import ndimage
+
+from pipeline.config import TrainConfig, UNetConfig
+from pipeline.models.loading import load_model
+from pipeline.train import loop
+from pipeline.train.loop import Sample, train
+from tests.helpers import run_pipeline
+
+MODEL = {"arch": "unet", "depth": 1, "width": 4, "num_classes": 2, "normalize": {"mean": 128.0, "std": 64.0}}
+
+
+def blobs(seed: int, shape: tuple[int, int] = (96, 96)) -> Sample:
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.random(shape), 3)
+    labels = (field > np.median(field)).astype(np.int64)
+    image = (labels * 120 + 60 + rng.normal(0, 20, shape)).astype(np.float32)[None]
+    return Sample(f"s{seed}", image, labels)
+
+
+def config(tmp_path, **changes) -> TrainConfig:
+    base = {"data": {"images": "x", "labels": "y"}, "patch": 32, "batch_size": 2, "epochs": 3, "steps_per_epoch": 6,
+            "learning_rate": 0.01, "output": str(tmp_path / "m.safetensors"), "augment": {"elastic": {"sigma": 3}}}  # fmt: skip
+    return TrainConfig.model_validate({**base, **changes})
+
+
+def fresh_model():
+    loaded = load_model(UNetConfig.model_validate(MODEL), with_digest=False)
+    return loaded.module, loaded.geometry
+
+
+def test_a_few_steps_reduce_the_loss(tmp_path) -> None:
+    module, geometry = fresh_model()
+    cfg = config(tmp_path)
+    saved = []
+    history = train(module, geometry, 2, UNetConfig.model_validate(MODEL).normalize, cfg, [blobs(1), blobs(2)], [blobs(3)],
+                    lambda m, f: saved.append(f), str(tmp_path / "state.pt"))  # fmt: skip
+    losses = [e["loss"] for e in history.epochs]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert saved and saved[-1]["best_epoch"] == history.best_epoch and "mean_iou" in saved[-1]
+
+
+def test_resuming_continues_exactly_as_the_uninterrupted_run(tmp_path, monkeypatch) -> None:
+    normalize = UNetConfig.model_validate(MODEL).normalize
+    cfg = config(tmp_path, epochs=2, steps_per_epoch=4)
+    samples = [blobs(4), blobs(5)]
+    kept = tmp_path / "after-epoch-1.pt"
+    original = loop._save_state
+
+    def keep_first(path, module, optimizer, schedule, rng, epoch, history):
+        original(path, module, optimizer, schedule, rng, epoch, history)
+        if epoch == 1:
+            shutil.copy(path, kept)
+
+    monkeypatch.setattr(loop, "_save_state", keep_first)
+    whole, geometry = fresh_model()
+    train(whole, geometry, 2, normalize, cfg, samples, [], lambda m, f: None, str(tmp_path / "a.pt"))
+    monkeypatch.setattr(loop, "_save_state", original)
+    resumed, _ = fresh_model()
+    history = train(resumed, geometry, 2, normalize, cfg, samples, [], lambda m, f: None, str(kept), resume=True)
+    assert [e["epoch"] for e in history.epochs] == [1, 2]
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_trained_checkpoint_reproduces_its_validation_figures_in_pipeline_run(tmp_path) -> None:
+    import tifffile
+
+    for folder, seed in (("train", 7), ("val", 8)):
+        for kind in ("images", "labels"):
+            (tmp_path / folder / kind).mkdir(parents=True)
+        s = blobs(seed, (120, 136))
+        tifffile.imwrite(tmp_path / folder / "images" / "a.tif", s.image[0].clip(0, 255).astype(np.uint8))
+        tifffile.imwrite(tmp_path / folder / "labels" / "a.tif", s.labels.astype(np.uint8))
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({
+        "model": MODEL,
+        "train": {"data": {"images": "train/images", "labels": "train/labels"},
+                  "validation": {"images": "val/images", "labels": "val/labels"},
+                  "classes": [{"name": "background"}, {"name": "blob"}],
+                  "patch": 32, "batch_size": 2, "epochs": 2, "steps_per_epoch": 5, "learning_rate": 0.01,
+                  "output": "models/blobs.safetensors", "threads": 1},
+    }))  # fmt: skip
+    trained = run_pipeline("train", str(tmp_path / "train.yaml"), cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert "val mIoU" in trained.stderr and "checkpoint" in trained.stdout
+    recorded = json.loads((tmp_path / "models" / "blobs.json").read_text())
+    figures = recorded["training"]["figures"]
+    assert recorded["classes"][1]["name"] == "blob" and recorded["training"]["data"]["validation"] == ["a"]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "input": {"path": "val/images/a.tif"},
+        "model": {"path": "models/blobs.safetensors"},
+        "tiling": {"tile": 48},
+        "inference": {"torch_threads": 1, "channels_last": False},
+        "output": {"path": "out/a.zarr"},
+        "evaluation": {"ground_truth": "val/labels/a.tif"},
+        "cluster": {"n_workers": 1, "threads_per_worker": 1},
+    }))  # fmt: skip
+    ran = run_pipeline("run", str(tmp_path / "run.yaml"), cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads((tmp_path / "out" / "a.evaluation.json").read_text())
+    assert report["pooled"]["mean_iou"] == pytest.approx(figures["mean_iou"], abs=1e-9)
+    assert report["pooled"]["pixel_accuracy"] == pytest.approx(figures["pixel_accuracy"], abs=1e-9)
