@@ -30,6 +30,7 @@ from .inference import InferenceSpec, measure_batch_size
 from .instance_report import format_instances
 from .instance_volume import InstanceResult, write_instance_volume
 from .io import fs
+from .io.checkpoints import describe_training
 from .io.geotiff import geotiff_path, write_geotiff
 from .io.images import ImageSpec, as_dask_array, pinned_version
 from .io.labels import (
@@ -721,6 +722,9 @@ def _evaluate(wf: Workflow, prepared: Prepared, out: TextIO) -> Scores:
     print(format_table(scores, spec.names), file=out)
     if "instances" in doc:
         print(format_instances(doc["instances"]), file=out)
+    trained = describe_training(wf.model.path)
+    if trained:
+        print(f"model      {trained}", file=out)
     if prepared.model.untrained:
         print(f"note: {UNTRAINED_NOTE}", file=out)
     return scores

@@ -122,6 +122,8 @@ def load_pairs(
     """Every image/label pair named alike, in memory; labels as class ids with IGNORE."""
     images = list_images(data.images, f"{field}.images")
     labels = list_images(data.labels, f"{field}.labels")
+    if len(images) == len(labels) == 1:  # one pair: whatever their names
+        labels = {next(iter(images)): next(iter(labels.values()))}
     missing = [n for n in images if n not in labels]
     if missing:
         raise PipelineError(f"{field}.labels: no label image for {', '.join(map(repr, missing[:5]))} (named as the images)")

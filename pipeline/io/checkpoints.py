@@ -66,3 +66,26 @@ def expand_model_section(section: Mapping[str, Any], weights: str) -> dict[str, 
                 f"leave model.{key} out (the checkpoint says it)"
             )
     return merged
+
+
+def describe_training(weights: str | None) -> str | None:
+    """One line on what a checkpoint was trained on and what its validation scored, or None."""
+    if not weights:
+        return None
+    try:
+        document = read_metadata(weights)
+    except ModelError:
+        return None
+    training = (document or {}).get("training")
+    if not isinstance(training, dict):
+        return None
+    data = training.get("data") or {}
+    figures = training.get("figures") or {}
+    images = ", ".join(map(str, data.get("images") or [])) or "?"
+    text = f"{fs.name(weights)}: trained by pipeline train on {images}"
+    if data.get("validation") and isinstance(figures.get("mean_iou"), (int, float)):
+        text += (
+            f"; held-out {', '.join(map(str, data['validation']))}: mIoU {100 * figures['mean_iou']:.1f}% "
+            f"(epoch {figures.get('best_epoch', '?')})"
+        )
+    return text
