@@ -167,6 +167,19 @@ def _wait_for(path: Path, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
+def _wait_for_run_id(volume: Path, timeout: float = 120) -> str:
+    """The run id of the volume being written, once its group attributes hold it (the arrays
+    appear first, the attributes a moment later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return str(zarr.open_group(str(volume), mode="r").attrs["pipeline"]["run_id"])
+        except (KeyError, FileNotFoundError, ValueError):
+            if time.monotonic() > deadline:
+                raise TimeoutError(volume) from None
+            time.sleep(0.2)
+
+
 def test_ctrl_c_prints_one_message_not_worker_tracebacks(tmp_path) -> None:
     wf = _slow_workflow(tmp_path, overwrite=False)
     proc = subprocess.Popen(
@@ -208,8 +221,7 @@ def test_two_runs_on_one_output_never_interleave(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen([PIPELINE, "run", wf], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        _wait_for(tmp_path / "out" / "demo.zarr" / "0" / "zarr.json")
-        run_id = zarr.open_group(str(tmp_path / "out" / "demo.zarr"), mode="r").attrs["pipeline"]["run_id"]
+        run_id = _wait_for_run_id(tmp_path / "out" / "demo.zarr")
         for command in ("validate", "run"):
             second = subprocess.run([PIPELINE, command, wf], capture_output=True, text=True, timeout=300, env=env)
             assert second.returncode == 2, second.stderr
