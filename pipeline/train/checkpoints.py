@@ -14,7 +14,11 @@ from ..io.checkpoints import FORMAT, write_metadata
 
 
 def save_checkpoint(weights: str, module: nn.Module, model: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
-    """Weights first, then the description: a description never names missing weights."""
-    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    """Weights first (floating point as float16: half the size; loading widens them back),
+    then the description: a description never names missing weights."""
+    state = {
+        k: (v.detach().to("cpu").half() if v.is_floating_point() else v.detach().to("cpu")).contiguous()
+        for k, v in module.state_dict().items()
+    }
     fs.put_bytes(weights, save_safetensors(state, metadata={"format": FORMAT}))
     write_metadata(weights, model, extra)

@@ -10,6 +10,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -122,13 +123,28 @@ def train(
         score = record.get("mean_iou", -float(record["loss"]))
         if score > history.best:
             history.best, history.best_epoch = score, epoch + 1
-            save(module, {"best_epoch": epoch + 1, **record})
+            kept = stored_weights(module)  # what the checkpoint holds (float16) is what is scored
+            if validation:
+                record.update(validate(kept, geometry, num_classes, normalize, validation, device))
+            save(kept, {"best_epoch": epoch + 1, **record})
+            module.to(device)
         _save_state(state_path, module, optimizer, schedule, rng, epoch + 1, history)
         _progress(out, epoch, cfg.steps_per_epoch - 1, cfg, record["loss"], history, start, first_epoch, end=True)
         if limit is not None and time.perf_counter() - start > limit:
             print(f"stopped    time limit {cfg.time_limit} reached after epoch {epoch + 1}", file=out, flush=True)
             break
     return history
+
+
+def stored_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` with its floating-point weights rounded to float16, as a
+    checkpoint stores them (half the size; the figures recorded are those of this copy)."""
+    kept = copy.deepcopy(module).to("cpu")
+    with torch.no_grad():
+        for tensor in list(kept.parameters()) + list(kept.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    return kept
 
 
 def validate(
