@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +20,12 @@ from tests.helpers import REPO
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    """workflows/demo.yaml, unchanged, beside demo data generated at 2048 x 2048."""
+    """workflows/demo.yaml beside demo data generated at 2048 x 2048 (its model path made
+    absolute: the copy is elsewhere)."""
     folder = tmp_path_factory.mktemp("demo")
-    shutil.copy(REPO / "workflows" / "demo.yaml", folder / "demo.yaml")
+    wf = yaml.safe_load((REPO / "workflows" / "demo.yaml").read_text())
+    wf["model"]["path"] = str(REPO / "models" / "demo_unet.safetensors")
+    (folder / "demo.yaml").write_text(yaml.safe_dump(wf))
     assert main(["demo-data", str(folder / "demo-data"), "--size", "2048"]) == 0
     return folder / "demo.yaml"
 
@@ -49,18 +51,19 @@ def test_demo_validate_plan_run(demo, capsys) -> None:
     assert str(out_path) in captured.out and str(report_path) in captured.out
     for name in ("demo.evaluation.csv", "demo.confusion.png", "demo.preview.png"):
         assert (demo.parent / "out" / name).stat().st_size > 0 and name in captured.out
-    assert "mIoU" in captured.out and "untrained model" in captured.out
+    assert "mIoU" in captured.out and "untrained" not in captured.out
+    assert "demo_unet.safetensors: trained by pipeline train on demo-1, demo-2; held-out demo-3: mIoU" in captured.out
 
     group = zarr.open_group(str(out_path), mode="r")
     assert group.attrs["pipeline"]["status"] == "complete"
-    assert group.attrs["pipeline"]["model"]["weights"] == {"untrained": True, "seed": 0}
+    assert group.attrs["pipeline"]["model"]["weights"]["path"].endswith("demo_unet.safetensors")
     assert group.attrs["pipeline"]["workflow"]["model"]["arch"] == "unet"
     labels = group["0"][:]
     assert labels.shape == (2048, 2048) and labels.dtype == np.uint8
     report = json.loads(report_path.read_text())
     truth = tifffile.imread(demo.parent / "demo-data" / "labels.tif")
     assert report["pooled"]["pixel_accuracy"] == pytest.approx((labels == truth).mean(), abs=1e-12)
-    assert "untrained" in report["note"]
+    assert "note" not in report and report["pooled"]["mean_iou"] > 0.85  # a trained model segments
 
 
 @pytest.fixture
