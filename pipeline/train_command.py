@@ -50,8 +50,12 @@ def train_command(path: str, resume: bool = False) -> int:
         ignore_colours=tuple(cfg.ignore_colours),
     )
     k = model_cfg.num_classes
-    samples = load_pairs(cfg.data, "train.data", encoding, cfg.ignore_index, k, model_cfg.in_channels)
-    validation = load_pairs(cfg.validation, "train.validation", encoding, cfg.ignore_index, k, model_cfg.in_channels) if cfg.validation else []
+    stacks = isinstance(model_cfg, UNetConfig) and model_cfg.dims == 3  # a 3D U-Net trains on (z, y, x) stacks
+    samples = load_pairs(cfg.data, "train.data", encoding, cfg.ignore_index, k, model_cfg.in_channels, stacks)
+    validation = (
+        load_pairs(cfg.validation, "train.validation", encoding, cfg.ignore_index, k, model_cfg.in_channels, stacks)
+        if cfg.validation else []
+    )  # fmt: skip
     loaded = load_model(model_cfg, "cpu", with_digest=False)
     section = model_cfg.model_dump(mode="json", exclude={"path", "seed", "storage_options"})
     names = [c.name for c in cfg.classes] if cfg.classes else [f"class {i}" for i in range(k)]
@@ -117,8 +121,9 @@ def load_train_workflow(path: str) -> TrainWorkflow:
 
 
 def load_pairs(
-    data: TrainData, field: str, encoding: LabelEncoding, ignore_index: int | None, num_classes: int, channels: int
-) -> list[Sample]:
+    data: TrainData, field: str, encoding: LabelEncoding, ignore_index: int | None, num_classes: int, channels: int,
+    stacks: bool = False,
+) -> list[Sample]:  # fmt: skip
     """Every image/label pair named alike, in memory; labels as class ids with IGNORE."""
     images = list_images(data.images, f"{field}.images")
     labels = list_images(data.labels, f"{field}.labels")
@@ -129,11 +134,13 @@ def load_pairs(
         raise PipelineError(f"{field}.labels: no label image for {', '.join(map(repr, missing[:5]))} (named as the images)")
     samples = []
     for name, path in sorted(images.items()):
-        reader = open_image(ImageSpec(path, data.channel_axis, f"{field}.images"))
+        reader = open_image(ImageSpec(path, data.channel_axis, f"{field}.images", volume=stacks))
         if reader.channels != channels:
             raise PipelineError(f"{field}.images: {fs.redact(path)} has {reader.channels} channel(s); model.in_channels is {channels}")
         image = reader.read(tuple(slice(0, n) for n in reader.shape)).astype(np.float32)
-        label_reader = open_image(ImageSpec(labels[name], -1 if encoding.kind == "palette" else None, f"{field}.labels"))
+        label_reader = open_image(
+            ImageSpec(labels[name], -1 if encoding.kind == "palette" else None, f"{field}.labels", volume=stacks)
+        )
         if label_reader.shape != reader.shape:
             raise PipelineError(
                 f"{field}.labels: {fs.redact(labels[name])} has shape {label_reader.shape}, its image {reader.shape}"
