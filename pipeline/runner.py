@@ -336,6 +336,9 @@ def _evaluate_set(images: ImageSet, prepared: list[Prepared], out: TextIO) -> Sc
     print(format_table(scores, spec.names), file=out)
     if "instances" in doc:
         print(format_instances(doc["instances"]), file=out)
+    trained = describe_training(wf.model.path)
+    if trained:
+        print(f"model      {trained}", file=out)
     if prepared[0].model.untrained:
         print(f"note: {UNTRAINED_NOTE}", file=out)
     return scores
