@@ -12,18 +12,16 @@ import yaml
 from .config import EvaluationConfig, format_error
 from .errors import EvaluationError, OutputExistsError, PipelineError
 from .evaluation import LabelPair, pair_paths
-from .figures import threshold_curves
-from .instance_evaluation import InstanceEvaluationSpec, evaluate_instance_pairs
-from .instance_labels import InstanceSpec
-from .instance_report import csv_text, curves, format_instances, instance_section
-from .instances import CONNECTIVITY
+from .instance_evaluation import InstanceEvaluationSpec
+from .instance_labels import InstanceSpec, check_connectivity
+from .instance_report import format_instances
 from .io import fs
 from .io.images import ImageSpec, as_dask_array, open_image
 from .io.labels import is_label_volume, open_label_volume, recorded_run
 from .io.locations import check_not_an_input, check_writable
 from .planning import evaluation_spec
 from .report import format_table, write_json
-from .scorecard import ReportFiles, evaluate_and_report
+from .scorecard import ReportFiles, evaluate_and_report, evaluate_and_report_instances
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
@@ -68,9 +66,7 @@ def _objects(args: argparse.Namespace, pairs: list[LabelPair]) -> InstanceEvalua
     """How each side's objects are found (``--instances``): stored ids, or connected components."""
     ndim = _spatial_ndim(pairs[0].prediction)
     neighbours = args.connectivity or (4 if ndim == 2 else 6)
-    if neighbours not in CONNECTIVITY[ndim]:
-        allowed = " or ".join(map(str, CONNECTIVITY[ndim]))
-        raise PipelineError(f"--connectivity: {neighbours} is not a {ndim}D neighbourhood; expected {allowed}")
+    check_connectivity(ndim, neighbours, "--connectivity")
     components = InstanceSpec(tuple(args.instance_classes), neighbours) if args.instance_classes else None
     pred_ids = args.prediction_ids or all(_is_instance_volume(p.prediction.path) for p in pairs)
     sides = {"prediction": None if pred_ids else components, "truth": None if args.truth_ids else components}
@@ -97,15 +93,9 @@ def _instances_only(
     spec = evaluation_spec(cfg, num_classes)
     files = ReportFiles(json=_path(args.json), instances_csv=_path(args.instances_csv), instances_plot=_path(args.instances_plot))
     _check_report_paths(files, pairs, args)
-    found = evaluate_instance_pairs(pairs, objects, spec)
-    section, each, pooled = instance_section(found, objects, spec.names)
+    section = evaluate_and_report_instances(pairs, objects, spec, files)
     if files.json:
         write_json(files.json, {"images": len(pairs), "instances": section})
-    if files.instances_csv:
-        fs.put_bytes(files.instances_csv, csv_text(found, each, pooled).encode())
-    if files.instances_plot:
-        title = "objects matched: pooled precision, recall and F1 by IoU threshold"
-        fs.put_bytes(files.instances_plot, threshold_curves(list(section["thresholds"]), curves(section), title))
     if len(pairs) > 1:
         print(f"{len(pairs)} image pairs; pooled statistics:")
     print(format_instances(section))

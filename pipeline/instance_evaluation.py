@@ -20,7 +20,7 @@ import numpy as np
 from .encodings import EncodingError, decode
 from .errors import EvaluationError
 from .evaluation import EvaluationSpec, LabelPair
-from .instance_labels import InstanceSpec, instance_ids, resolve_objects
+from .instance_labels import InstanceSpec, instance_ids, label_blocks, resolve_objects
 from .instance_metrics import Contingency, count_overlaps, merge
 from .instance_volume import table_paths
 from .io import fs
@@ -110,9 +110,7 @@ def _prediction(spec: ImageSpec, as_ids: bool) -> tuple[da.Array, bool, tuple[np
     raw = as_dask_array(replace(spec, volume=True))
     if raw.shape[0] != 1:
         raise EvaluationError(f"{spec.field}: {fs.redact(spec.path)} has {raw.shape[0]} channels; expected one of ids or classes")
-    array = raw[0]
-    block = tuple(min(n, 64 if axis < array.ndim - 2 else 1024) for axis, n in enumerate(array.shape))
-    return array.rechunk(block), as_ids, None
+    return label_blocks(raw[0]), as_ids, None
 
 
 def _decoded(raw: da.Array, classes: EvaluationSpec, as_ids: bool, name: str) -> tuple[da.Array, da.Array | None]:

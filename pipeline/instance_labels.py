@@ -19,8 +19,10 @@ import dask
 import dask.array as da
 import numpy as np
 
+from .errors import PipelineError
 from .geometry import Box
 from .instances import (
+    CONNECTIVITY,
     ID_DTYPE,
     BlockLabels,
     ObjectStats,
@@ -38,6 +40,19 @@ from .instances import (
 )
 from .io import fs
 from .io.labels import mark_block_done, write_block
+
+
+def check_connectivity(ndim: int, neighbours: int, field: str) -> None:
+    """A user's connectivity against the labels' dimensions; PipelineError naming ``field``."""
+    if neighbours not in CONNECTIVITY[ndim]:
+        allowed = " or ".join(map(str, CONNECTIVITY[ndim]))
+        raise PipelineError(f"{field}: {neighbours} is not a {ndim}D neighbourhood; expected {allowed}")
+
+
+def label_blocks(array: da.Array) -> da.Array:
+    """Labels read from a file, in blocks of up to 1024 px in y and x (and 64 planes), not in
+    its storage segments (strips or small tiles would make thousands of tiny blocks)."""
+    return array.rechunk(tuple(min(n, 64 if axis < array.ndim - 2 else 1024) for axis, n in enumerate(array.shape)))
 
 
 @dataclass(frozen=True)
@@ -186,11 +201,7 @@ def write_ids(
             )
         )
     (parts,) = dask.compute(tasks)
-    return (
-        reduce_stats(parts)
-        if parts
-        else reduce_stats([block_stats(np.zeros((1,) * ids.ndim, ID_DTYPE), (0,) * ids.ndim)])
-    )
+    return reduce_stats(parts)
 
 
 def object_columns(

@@ -14,9 +14,8 @@ import numpy as np
 
 from .coordinates import PixelGrid
 from .errors import PipelineError
-from .instance_labels import InstanceSpec
+from .instance_labels import InstanceSpec, check_connectivity, label_blocks
 from .instance_volume import check_instance_classes, default_instances_path, write_instance_volume
-from .instances import CONNECTIVITY
 from .io import fs
 from .io.coordinates import read_pixel_grid
 from .io.images import ImageSpec, as_dask_array, open_image
@@ -29,11 +28,7 @@ def instances_command(args: argparse.Namespace) -> int:
     labels, num_classes, grid = _labels(args.labels)
     ndim = labels.ndim
     neighbours = args.connectivity or (4 if ndim == 2 else 6)
-    if neighbours not in CONNECTIVITY[ndim]:
-        allowed = " or ".join(map(str, CONNECTIVITY[ndim]))
-        raise PipelineError(
-            f"--connectivity: {neighbours} is not a {ndim}D neighbourhood; expected {allowed}"
-        )
+    check_connectivity(ndim, neighbours, "--connectivity")
     if bool(args.grow_into) != bool(args.grow_by):
         raise PipelineError(
             "--grow-into and --grow-by: give both (classes to grow into, and by how many pixels)"
@@ -102,9 +97,4 @@ def _labels(path: str) -> tuple[da.Array, int | None, PixelGrid]:
         raise PipelineError(
             f"LABELS: {fs.redact(path)}: expected integer class ids, got dtype {reader.dtype}"
         )
-    array = as_dask_array(spec)[0]
-    # a strip or small-tiled file: blocks of up to 1024 px in y and x (and 64 planes), not its segments
-    block = tuple(
-        min(n, 64 if axis < array.ndim - 2 else 1024) for axis, n in enumerate(array.shape)
-    )
-    return array.rechunk(block), None, read_pixel_grid(reader)
+    return label_blocks(as_dask_array(spec)[0]), None, read_pixel_grid(reader)

@@ -21,9 +21,8 @@ from .encodings import LabelEncoding
 from .errors import EvaluationError, OutputExistsError, PipelineError
 from .evaluation import EvaluationSpec, LabelPair
 from .instance_evaluation import InstanceEvaluationSpec
-from .instance_labels import InstanceSpec
+from .instance_labels import InstanceSpec, check_connectivity
 from .instance_volume import as_field, check_instance_classes, default_instances_path, table_paths
-from .instances import CONNECTIVITY
 from .io import fs
 from .io.coordinates import read_pixel_grid
 from .io.geotiff import geotiff_path
@@ -348,9 +347,8 @@ def _check_instances(wf: Workflow, shape: tuple[int, ...], block: tuple[int, ...
             )
         if not np.issubdtype(truth.dtype, np.integer):
             raise EvaluationError(f"evaluation.truth_instances: {shown}: expected integer instance ids, got dtype {truth.dtype}")
-    if cfg.connectivity is not None and cfg.connectivity not in CONNECTIVITY[ndim]:
-        allowed = " or ".join(map(str, CONNECTIVITY[ndim]))
-        raise PipelineError(f"instances.connectivity: {cfg.connectivity} is not a {ndim}D neighbourhood; expected {allowed}")
+    if cfg.connectivity is not None:
+        check_connectivity(ndim, cfg.connectivity, "instances.connectivity")
     check_instance_classes(instance_spec(wf, ndim), wf.model.num_classes, ("instances.classes", "instances.grow_into"))
     if cfg.grow_by and min(block) < cfg.grow_by:
         raise PipelineError(f"instances.grow_by: {cfg.grow_by} pixels is more than the blocks' edge {min(block)}")

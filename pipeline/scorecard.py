@@ -77,14 +77,7 @@ def evaluate_and_report(
     doc.update(extra or {})
     pooled = pooled_scores(results, spec)
     if instances is not None:
-        found = evaluate_instance_pairs(instance_pairs or pairs, instances, spec)
-        section, each, pooled_objects = instance_section(found, instances, spec.names)
-        doc["instances"] = section
-        if files.instances_csv:
-            fs.put_bytes(files.instances_csv, csv_text(found, each, pooled_objects).encode())
-        if files.instances_plot:
-            title = "objects matched: pooled precision, recall and F1 by IoU threshold"
-            fs.put_bytes(files.instances_plot, threshold_curves(list(section["thresholds"]), curves(section), title))
+        doc["instances"] = evaluate_and_report_instances(instance_pairs or pairs, instances, spec, files)
     if files.json:
         write_json(files.json, doc)
     if files.csv:
@@ -94,6 +87,20 @@ def evaluate_and_report(
     if files.preview:
         write_preview(pairs[0], spec, files.preview, image)
     return doc, pooled
+
+
+def evaluate_and_report_instances(
+    pairs: list[LabelPair], objects: InstanceEvaluationSpec, spec: EvaluationSpec, files: ReportFiles
+) -> dict[str, Any]:
+    """Match the objects of every pair; write the instance CSV and plot; the report's section."""
+    found = evaluate_instance_pairs(pairs, objects, spec)
+    section, each, pooled = instance_section(found, objects, spec.names)
+    if files.instances_csv:
+        fs.put_bytes(files.instances_csv, csv_text(found, each, pooled).encode())
+    if files.instances_plot:
+        title = "objects matched: pooled precision, recall and F1 by IoU threshold"
+        fs.put_bytes(files.instances_plot, threshold_curves(list(section["thresholds"]), curves(section), title))
+    return section
 
 
 def write_preview(pair: LabelPair, spec: EvaluationSpec, path: str, image: ImageSpec | None) -> None:

@@ -224,6 +224,17 @@ class SlowBoxFilter(BoxFilterNet):
         return super().forward(x)
 
 
+def on_dask_worker() -> bool:
+    """Whether this runs in a Dask task (not in the driver's probes and checks)."""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except ValueError:
+        return False
+    return True
+
+
 class GatedBoxFilter(BoxFilterNet):
     """A box filter whose forward passes in a Dask task wait until the file ``gate`` exists
     (at most ``timeout`` seconds): a run that provably is still running while a test acts."""
@@ -233,11 +244,7 @@ class GatedBoxFilter(BoxFilterNet):
         self.gate, self.timeout = gate, timeout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            from distributed import get_worker
-
-            get_worker()
-        except ValueError:
+        if not on_dask_worker():
             return super().forward(x)
         deadline = time.monotonic() + self.timeout
         while not Path(self.gate).exists() and time.monotonic() < deadline:
@@ -278,6 +285,25 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
         current += step
         best = max(best, current)
     return best
+
+
+def reference_instances(class_ids: np.ndarray, classes, neighbours: int, min_size: int = 0) -> np.ndarray:
+    """``scipy.ndimage.label`` of each class on the whole array (classes kept apart, ids
+    never shared), objects of fewer than ``min_size`` pixels dropped: what instance labels
+    must equal up to a renaming of ids."""
+    from scipy import ndimage
+
+    rank = {4: 1, 8: 2, 6: 1, 18: 2, 26: 3}[neighbours]
+    footprint = ndimage.generate_binary_structure(class_ids.ndim, rank)
+    out = np.zeros(class_ids.shape, np.int64)
+    top = 0
+    for c in classes:
+        found, n = ndimage.label(class_ids == c, structure=footprint)
+        sizes = np.bincount(found.ravel(), minlength=n + 1)
+        keep = (sizes >= max(min_size, 1)) & (np.arange(n + 1) > 0)
+        out = np.where(keep[found], found + top, out)
+        top += n
+    return out
 
 
 def same_up_to_relabelling(a: np.ndarray, b: np.ndarray) -> bool:

@@ -20,24 +20,12 @@ from pipeline.instances import (
     neighbour_offsets,
     reduce_stats,
 )
-from tests.helpers import same_up_to_relabelling
+from tests.helpers import reference_instances, same_up_to_relabelling
 
 RANKS = {4: 1, 8: 2, 6: 1, 18: 2, 26: 3}
 
 
-def reference(class_ids: np.ndarray, classes: tuple[int, ...], neighbours: int, min_size: int = 0) -> np.ndarray:
-    """scipy.ndimage.label of each class on the whole array, ids kept apart, small ones dropped."""
-    footprint = ndimage.generate_binary_structure(class_ids.ndim, RANKS[neighbours])
-    out = np.zeros(class_ids.shape, np.int64)
-    top = 0
-    for c in classes:
-        found, n = ndimage.label(class_ids == c, structure=footprint)
-        sizes = np.bincount(found.ravel(), minlength=n + 1)
-        keep = (sizes >= max(min_size, 1)) & (np.arange(n + 1) > 0)
-        found = np.where(keep[found], found + top, 0)
-        out = np.where(found > 0, found, out)
-        top += n
-    return out
+reference = reference_instances
 
 
 def blocked(class_ids: np.ndarray, chunks: tuple[int, ...], spec: InstanceSpec) -> tuple[np.ndarray, Relabelling]:

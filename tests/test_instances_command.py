@@ -20,7 +20,13 @@ import zarr
 from scipy import ndimage
 from skimage.measure import regionprops_table
 
-from tests.helpers import BoxFilterNet, run_pipeline, same_up_to_relabelling, write_workflow
+from tests.helpers import (
+    BoxFilterNet,
+    reference_instances,
+    run_pipeline,
+    same_up_to_relabelling,
+    write_workflow,
+)
 
 RANK = {4: 1, 8: 2, 6: 1, 18: 2, 26: 3}
 # normalised (x - 127): class 0 where the 3 x 3 box sum is bright, class 2 where it is dark
@@ -47,21 +53,7 @@ def blob_image(
     return (np.where(dark, 60, 190) + rng.integers(-25, 26, shape)).clip(0, 255).astype(np.uint8)
 
 
-def reference_labels(
-    class_ids: np.ndarray, classes, neighbours: int, min_size: int = 0
-) -> np.ndarray:
-    """``scipy.ndimage.label`` of each class on the whole array (classes kept apart), objects
-    of fewer than ``min_size`` pixels dropped."""
-    footprint = ndimage.generate_binary_structure(class_ids.ndim, RANK[neighbours])
-    out = np.zeros(class_ids.shape, np.int64)
-    top = 0
-    for c in classes:
-        found, n = ndimage.label(class_ids == c, structure=footprint)
-        sizes = np.bincount(found.ravel(), minlength=n + 1)
-        keep = (sizes >= max(min_size, 1)) & (np.arange(n + 1) > 0)
-        out = np.where(keep[found], found + top, out)
-        top += n
-    return out
+reference_labels = reference_instances
 
 
 def reference_growth(

@@ -31,7 +31,6 @@ from ..metrics import confusion_matrix, scores_from_confusion
 from ..progress import format_seconds
 from ..tiling import NetworkGeometry, plan_tiles
 from .augmentation import deform, jitter_intensity, random_deformation, random_orientation
-from .checkpoints import save_checkpoint
 from .losses import loss as loss_of
 from .patches import PatchGeometry, legal_patch, random_patch, read_patch
 from .weight_map import class_balance, separation_weights
@@ -262,4 +261,4 @@ def _seconds(duration: str | None) -> float | None:
     return float(parse_timedelta(duration))
 
 
-__all__ = ["IGNORE", "Sample", "History", "train", "validate", "save_checkpoint"]
+__all__ = ["IGNORE", "Sample", "History", "train", "validate"]
