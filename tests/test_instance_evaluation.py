@@ -188,3 +188,31 @@ def test_isbi_cells_of_a_run_against_the_truth_cells(tmp_path) -> None:
     assert report["mean_ap_over_images"] == pytest.approx(np.mean([i["mean_ap"] for i in report["per_image"]]))
     assert "panoptic quality (cell interior)" in proc.stdout
     assert (tmp_path / "out" / "instances.csv").exists() and (tmp_path / "out" / "instances.png").exists()
+
+
+def test_a_run_matches_its_objects_against_truth_instance_ids(tmp_path) -> None:
+    """evaluation.truth_instances: an instance-label image of the truth, through pipeline run."""
+    rng = np.random.default_rng(11)
+    truth_classes = blobs(rng, (120, 140), 0.5, sigma=3.0)
+    image = (truth_classes * 160 + 40).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    tifffile.imwrite(tmp_path / "classes.tif", truth_classes)
+    truth_ids = components(truth_classes == 1, 4)
+    tifffile.imwrite(tmp_path / "ids.tif", truth_ids.astype(np.uint32))
+    torch.jit.save(torch.jit.script(Brightness()), tmp_path / "m.pt")
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump({
+        "input": {"path": "img.tif"},
+        "model": {"arch": "torchscript", "path": "m.pt", "num_classes": 2, "halo": 2, "normalize": {"mean": 0.0, "std": 1.0}},
+        "tiling": {"tile": 64},
+        "inference": {"torch_threads": 1, "channels_last": False},
+        "output": {"path": "out/a.zarr"},
+        "instances": {"classes": [1], "connectivity": 4},
+        "evaluation": {"ground_truth": "classes.tif", "instances": True, "truth_instances": "ids.tif"},
+        "cluster": {"n_workers": 1, "threads_per_worker": 1},
+    }))  # fmt: skip
+    proc = run_pipeline("run", str(tmp_path / "wf.yaml"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    section = json.loads((tmp_path / "out" / "a.evaluation.json").read_text())["instances"]
+    assert section["objects"]["truth"] == "instance ids as stored"
+    pred = components(zarr.open_group(str(tmp_path / "out" / "a.zarr"), mode="r")["0"][:] == 1, 4)
+    check_section(section["pooled"], reference(pred, truth_ids))
