@@ -748,6 +748,9 @@ class TrainConfig(Section):
     batch_size: int = Field(default=4, ge=1)
     epochs: int = Field(default=10, ge=1)
     steps_per_epoch: int = Field(default=50, ge=1)
+    validate_every: int = Field(
+        default=1, ge=1, description="validate after every n-th epoch (and the last): large held-out images take long"
+    )
     optimizer: Literal["adam", "sgd"] = "adam"
     learning_rate: float = Field(default=1e-3, gt=0)
     momentum: float = Field(default=0.99, ge=0, lt=1, description="SGD momentum (the U-Net paper: 0.99)")
@@ -757,6 +760,9 @@ class TrainConfig(Section):
     border_weight: BorderWeightConfig | None = Field(default=None, description="the U-Net paper's separation weights")
     augment: AugmentConfig = AugmentConfig()
     seed: int = Field(default=0, ge=0)
+    mixed_precision: bool = Field(
+        default=False, description="bfloat16 autocast for the forward pass (CPUs with AVX512-BF16 or AMX, GPUs)"
+    )
     device: Annotated[str, PlainValidator(_device)] = "auto"
     threads: int | None = Field(default=None, ge=1, description="torch threads; default: all cores")
     output: PathStr = Field(description="the checkpoint (.safetensors) written, with its .json description")

@@ -25,6 +25,7 @@ import torch
 from scipy import ndimage
 
 from ..config import NormalizeConfig, TrainConfig
+from ..errors import PipelineError
 from ..inference import normalise, predict_image
 from ..io import fs
 from ..metrics import confusion_matrix, scores_from_confusion
@@ -74,6 +75,13 @@ def train(
         torch.set_num_threads(cfg.threads)
     module.to(device)
     patch = PatchGeometry(legal_patch(geometry, cfg.patch), geometry.trim)
+    small = [s for s in samples if any(n < patch.out for n in s.labels.shape)]
+    if small:
+        raise PipelineError(
+            f"train.patch: {cfg.patch} gives {patch.read}-px patches with a {patch.out}-px output, larger than "
+            f"training image {small[0].name!r} ({' x '.join(map(str, small[0].labels.shape))} px); expected every "
+            f"training image at least {patch.out} px along each axis: lower train.patch"
+        )
     counted = np.concatenate([s.labels[s.labels != IGNORE].ravel() for s in samples])
     class_weights = class_balance(counted, num_classes) if cfg.class_balance else np.ones(num_classes)
     if cfg.border_weight is not None:
@@ -107,8 +115,9 @@ def train(
             y = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
             w = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
             optimizer.zero_grad(set_to_none=True)
-            logits = module(x)
-            value = loss_of(cfg.loss, logits, y, w, IGNORE)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision):
+                logits = module(x)
+            value = loss_of(cfg.loss, logits.float(), y, w, IGNORE)
             value.backward()
             optimizer.step()
             schedule.step()
@@ -116,11 +125,15 @@ def train(
             if step % 10 == 9 or step == cfg.steps_per_epoch - 1:
                 _progress(out, epoch, step, cfg, float(np.mean(losses)), history, start, first_epoch)
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.perf_counter() - start, 1)}
-        if validation:
+        out_of_time = limit is not None and time.perf_counter() - start > limit
+        validated = bool(validation) and (
+            (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs or out_of_time
+        )
+        if validated:
             record.update(validate(module, geometry, num_classes, normalize, validation, device))
         history.epochs.append(record)
         score = record.get("mean_iou", -float(record["loss"]))
-        if score > history.best:
+        if (validated or not validation) and score > history.best:
             history.best, history.best_epoch = score, epoch + 1
             kept = stored_weights(module)  # what the checkpoint holds (float16) is what is scored
             if validation:
@@ -129,7 +142,7 @@ def train(
             module.to(device)
         _save_state(state_path, module, optimizer, schedule, rng, epoch + 1, history)
         _progress(out, epoch, cfg.steps_per_epoch - 1, cfg, record["loss"], history, start, first_epoch, end=True)
-        if limit is not None and time.perf_counter() - start > limit:
+        if out_of_time:
             print(f"stopped    time limit {cfg.time_limit} reached after epoch {epoch + 1}", file=out, flush=True)
             break
     return history
