@@ -129,17 +129,15 @@ def train(
         validated = bool(validation) and (
             (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs or out_of_time
         )
-        if validated:
-            record.update(validate(module, geometry, num_classes, normalize, validation, device))
+        # what a checkpoint holds (float16) is what is scored
+        kept = stored_weights(module) if validated or not validation else None
+        if kept is not None and validated:
+            record.update(validate(kept, geometry, num_classes, normalize, validation, device))
         history.epochs.append(record)
         score = record.get("mean_iou", -float(record["loss"]))
-        if (validated or not validation) and score > history.best:
+        if kept is not None and score > history.best:
             history.best, history.best_epoch = score, epoch + 1
-            kept = stored_weights(module)  # what the checkpoint holds (float16) is what is scored
-            if validation:
-                record.update(validate(kept, geometry, num_classes, normalize, validation, device))
-            save(kept, {"best_epoch": epoch + 1, **record})
-            module.to(device)
+            save(kept.to("cpu"), {"best_epoch": epoch + 1, **record})
         _save_state(state_path, module, optimizer, schedule, rng, epoch + 1, history)
         _progress(out, epoch, cfg.steps_per_epoch - 1, cfg, record["loss"], history, start, first_epoch, end=True)
         if out_of_time:
