@@ -132,7 +132,9 @@ def train(
         # what a checkpoint holds (float16) is what is scored
         kept = stored_weights(module) if validated or not validation else None
         if kept is not None and validated:
+            began = time.perf_counter()
             record.update(validate(kept, geometry, num_classes, normalize, validation, device))
+            record["validation_seconds"] = round(time.perf_counter() - began, 1)
         history.epochs.append(record)
         score = record.get("mean_iou", -float(record["loss"]))
         if kept is not None and score > history.best:
@@ -221,7 +223,10 @@ def _progress(
     done = (epoch - first_epoch) * cfg.steps_per_epoch + step + 1
     todo = (cfg.epochs - first_epoch) * cfg.steps_per_epoch
     elapsed = time.perf_counter() - start
-    left = elapsed / done * (todo - done) if done else 0.0
+    validations = [e["validation_seconds"] for e in history.epochs[first_epoch:] if "validation_seconds" in e]
+    stepping = elapsed - sum(validations)
+    coming = sum(1 for e in range(epoch + 1 + int(end), cfg.epochs + 1) if e % cfg.validate_every == 0 or e == cfg.epochs)
+    left = stepping / done * (todo - done) + (float(np.mean(validations)) if validations else 0.0) * coming
     last = history.epochs[-1] if history.epochs and end else None
     val = f" | val mIoU {100 * last['mean_iou']:.1f}%" if last and "mean_iou" in last else ""
     print(

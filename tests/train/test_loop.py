@@ -175,3 +175,15 @@ def test_every_trainable_network_trains_and_its_checkpoint_runs(tmp_path, model,
     assert ran.returncode == 0, ran.stderr
     report = json.loads((tmp_path / "out" / "a.evaluation.json").read_text())
     assert report["pooled"]["mean_iou"] == pytest.approx(figures["mean_iou"], abs=1e-9)
+
+
+def test_time_left_counts_the_validations_still_to_come(tmp_path) -> None:
+    import io
+    import time
+
+    cfg = config(tmp_path, epochs=4, steps_per_epoch=10, validate_every=2)
+    history = loop.History([{"epoch": 1, "loss": 1.0}, {"epoch": 2, "loss": 1.0, "mean_iou": 0.5, "validation_seconds": 30.0}])
+    out = io.StringIO()
+    # 50 s so far: 30 s validating, 20 s for 20 steps; 20 steps (20 s) and one validation (30 s) to come
+    loop._progress(out, 1, 9, cfg, 1.0, history, time.perf_counter() - 50.0, 0, end=True)
+    assert "val mIoU 50.0%" in out.getvalue() and "left 0:50" in out.getvalue()
