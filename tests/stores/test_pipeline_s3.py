@@ -274,24 +274,6 @@ def test_a_run_reads_the_input_header_a_bounded_number_of_times_and_lists_nothin
     assert counts[2]["header reads"] <= 6, counts  # the driver and each worker process, once or twice
 
 
-def test_sharded_output_on_a_store_writes_one_object_per_block(tmp_path, moto_s3: S3Server) -> None:
-    bucket = new_bucket(moto_s3)
-    try:
-        _upload_image(moto_s3, bucket, tmp_path)
-        wf = _box_workflow(tmp_path, moto_s3, bucket, chunk=16, shard=True)
-        proc = _run("run", wf)
-        assert proc.returncode == 0, proc.stderr
-        keys = [k for k in _objects(moto_s3, f"{bucket}/out/labels.zarr") if k.startswith("0/c/")]
-        assert len(keys) == BLOCKS
-        meta = json.loads(moto_s3.filesystem().cat_file(f"{bucket}/out/labels.zarr/0/zarr.json"))
-        assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [TILE, TILE]
-        assert meta["codecs"][0]["name"] == "sharding_indexed"
-        assert meta["codecs"][0]["configuration"]["chunk_shape"] == [16, 16]
-        np.testing.assert_array_equal(_labels(moto_s3, bucket), _reference())
-    finally:
-        remove_bucket(moto_s3, bucket)
-
-
 def test_a_region_of_a_tiff_in_a_store_is_read_with_ranged_requests_not_downloaded(tmp_path, moto_s3: S3Server) -> None:
     image = np.random.default_rng(4).integers(0, 255, (2048, 2048), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "big.tif", image, tile=(256, 256), compression="zlib")
@@ -311,12 +293,19 @@ def test_a_region_of_a_tiff_in_a_store_is_read_with_ranged_requests_not_download
         remove_bucket(moto_s3, bucket)
 
 
-def test_a_geotiff_export_and_the_pyramid_land_in_the_store_whole(tmp_path, moto_s3: S3Server) -> None:
+def test_a_sharded_volume_its_pyramid_and_geotiff_export_land_in_the_store_whole(tmp_path, moto_s3: S3Server) -> None:
     bucket = new_bucket(moto_s3)
     try:
         _upload_image(moto_s3, bucket, tmp_path)
-        proc = _run("run", _box_workflow(tmp_path, moto_s3, bucket, geotiff=True))
+        proc = _run("run", _box_workflow(tmp_path, moto_s3, bucket, chunk=16, shard=True, geotiff=True))
         assert proc.returncode == 0, proc.stderr
+        keys = [k for k in _objects(moto_s3, f"{bucket}/out/labels.zarr") if k.startswith("0/c/")]
+        assert len(keys) == BLOCKS  # one object per block, its 16 x 16 chunks inside
+        meta = json.loads(moto_s3.filesystem().cat_file(f"{bucket}/out/labels.zarr/0/zarr.json"))
+        assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [TILE, TILE]
+        assert meta["codecs"][0]["name"] == "sharding_indexed"
+        assert meta["codecs"][0]["configuration"]["chunk_shape"] == [16, 16]
+        np.testing.assert_array_equal(_labels(moto_s3, bucket), _reference())
         fs = moto_s3.filesystem()
         store = zarr.storage.FsspecStore.from_url(
             f"s3://{bucket}/out/labels.zarr", storage_options=moto_s3.storage_options(), read_only=True
