@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+import zarr
 from scipy import ndimage
 
 from pipeline.config import TrainConfig, UNetConfig
@@ -125,21 +126,21 @@ def test_a_trained_checkpoint_reproduces_its_validation_figures_in_pipeline_run(
 
 
 @pytest.mark.parametrize(
-    "model, train_changes, shape",
+    "model, train_changes, shape, suffix",
     [
         pytest.param(
             {**MODEL, "dims": 3}, {"optimizer": "sgd", "momentum": 0.9, "schedule": "constant", "patch": 8,
                                     "border_weight": {"classes": [1], "w0": 10, "sigma": 2}},
-            (10, 40, 44), id="3d-unet-sgd-border-weights",
+            (10, 40, 44), ".tif", id="3d-unet-sgd-border-weights-tiff",
         ),
         pytest.param(
             {"arch": "dilated", "front_width": 4, "front_depth": 1, "num_classes": 2,
              "normalize": {"mean": 128.0, "std": 64.0}},
-            {"loss": "dice", "class_balance": False}, (72, 80), id="dilated-dice",
+            {"loss": "dice", "class_balance": False}, (72, 80), ".zarr", id="dilated-dice-zarr",
         ),
     ],
 )  # fmt: skip
-def test_every_trainable_network_trains_and_its_checkpoint_runs(tmp_path, model, train_changes, shape) -> None:
+def test_every_trainable_network_trains_and_its_checkpoint_runs(tmp_path, model, train_changes, shape, suffix) -> None:
     """`pipeline train` then `pipeline run` from the checkpoint alone, for the networks and
     options the 2D U-Net test above does not take: the run reproduces the recorded figures."""
     import tifffile
@@ -150,7 +151,10 @@ def test_every_trainable_network_trains_and_its_checkpoint_runs(tmp_path, model,
         image = (labels * 120 + 60 + rng.normal(0, 20, shape)).clip(0, 255).astype(np.uint8)
         for kind, data in (("images", image), ("labels", labels)):
             (tmp_path / folder / kind).mkdir(parents=True)
-            tifffile.imwrite(tmp_path / folder / kind / "a.tif", data, metadata={"axes": "ZYX"[-len(shape):]})
+            if suffix == ".zarr":
+                zarr.create_array(str(tmp_path / folder / kind / "a.zarr"), data=data, chunks=(32, 32))
+            else:
+                tifffile.imwrite(tmp_path / folder / kind / "a.tif", data, metadata={"axes": "ZYX"[-len(shape):]})
     (tmp_path / "train.yaml").write_text(yaml.safe_dump({
         "model": model,
         "train": {"data": {"images": "train/images", "labels": "train/labels"},
@@ -163,12 +167,12 @@ def test_every_trainable_network_trains_and_its_checkpoint_runs(tmp_path, model,
     assert "val mIoU" in trained.stderr
     figures = json.loads((tmp_path / "m.json").read_text())["training"]["figures"]
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({
-        "input": {"path": "val/images/a.tif"},
+        "input": {"path": f"val/images/a{suffix}"},
         "model": {"path": "m.safetensors"},
         "tiling": {"tile": 16 if len(shape) == 3 else 48},
         "inference": {"torch_threads": 1, "channels_last": False},
         "output": {"path": "out/a.zarr"},
-        "evaluation": {"ground_truth": "val/labels/a.tif"},
+        "evaluation": {"ground_truth": f"val/labels/a{suffix}"},
         "cluster": {"n_workers": 1, "threads_per_worker": 1},
     }))  # fmt: skip
     ran = run_pipeline("run", str(tmp_path / "run.yaml"), cwd=tmp_path)
