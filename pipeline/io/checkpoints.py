@@ -68,6 +68,15 @@ def expand_model_section(section: Mapping[str, Any], weights: str) -> dict[str, 
     return merged
 
 
+def _names(names: list[Any], shown: int = 4) -> str:
+    """``a, b, c`` or, for a long list, ``63 images (a, ..., z)``: one line on the console."""
+    if not names:
+        return "?"
+    if len(names) <= shown:
+        return ", ".join(map(str, names))
+    return f"{len(names)} images ({names[0]}, ..., {names[-1]})"
+
+
 def describe_training(weights: str | None) -> str | None:
     """One line on what a checkpoint was trained on and what its validation scored, or None."""
     if not weights:
@@ -79,13 +88,11 @@ def describe_training(weights: str | None) -> str | None:
     training = (document or {}).get("training")
     if not isinstance(training, dict):
         return None
-    data = training.get("data") or {}
-    figures = training.get("figures") or {}
-    images = ", ".join(map(str, data.get("images") or [])) or "?"
-    text = f"{fs.name(weights)}: trained by pipeline train on {images}"
+    data, figures = (v if isinstance(v := training.get(key), dict) else {} for key in ("data", "figures"))
+    text = f"{fs.name(weights)}: trained by pipeline train on {_names(data.get('images') or [])}"
     if data.get("validation") and isinstance(figures.get("mean_iou"), (int, float)):
         text += (
-            f"; held-out {', '.join(map(str, data['validation']))}: mIoU {100 * figures['mean_iou']:.1f}% "
+            f"; held-out {_names(data['validation'])}: mIoU {100 * figures['mean_iou']:.1f}% "
             f"(epoch {figures.get('best_epoch', '?')})"
         )
     return text

@@ -63,3 +63,21 @@ def test_pipeline_run_with_only_the_checkpoint_path_equals_the_full_section(tmp_
     short = zarr.open_group(str(tmp_path / "short.zarr"), mode="r")["0"][:]
     full = zarr.open_group(str(tmp_path / "full.zarr"), mode="r")["0"][:]
     assert np.array_equal(short, full) and len(np.unique(short)) > 1
+
+
+def test_the_training_line_names_a_few_images_and_counts_many(tmp_path) -> None:
+    from pipeline.io.checkpoints import describe_training
+
+    weights = _checkpoint(tmp_path)
+    assert describe_training(weights) == "tiny.safetensors: trained by pipeline train on ?"  # data not a listing
+    path = tmp_path / "models" / "tiny.json"
+    description = json.loads(path.read_text())
+    description["training"] = {
+        "data": {"images": [f"Tile {t}/part {p}" for t in (1, 2, 3) for p in (1, 2)], "validation": ["a", "b"]},
+        "figures": {"mean_iou": 0.6114, "best_epoch": 35},
+    }
+    path.write_text(json.dumps(description))
+    assert describe_training(weights) == (
+        "tiny.safetensors: trained by pipeline train on 6 images (Tile 1/part 1, ..., Tile 3/part 2); "
+        "held-out a, b: mIoU 61.1% (epoch 35)"
+    )
