@@ -129,17 +129,17 @@ def train(
         validated = bool(validation) and (
             (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs or out_of_time
         )
-        # what a checkpoint holds (float16) is what is scored
-        kept = stored_weights(module) if validated or not validation else None
-        if kept is not None and validated:
+        kept = None
+        if validated:
+            kept = stored_weights(module)  # what a checkpoint holds (float16) is what is scored
             began = time.perf_counter()
             record.update(validate(kept, geometry, num_classes, normalize, validation, device))
             record["validation_seconds"] = round(time.perf_counter() - began, 1)
         history.epochs.append(record)
         score = record.get("mean_iou", -float(record["loss"]))
-        if kept is not None and score > history.best:
+        if (validated or not validation) and score > history.best:
             history.best, history.best_epoch = score, epoch + 1
-            save(kept.to("cpu"), {"best_epoch": epoch + 1, **record})
+            save((kept or stored_weights(module)).to("cpu"), {"best_epoch": epoch + 1, **record})
         _save_state(state_path, module, optimizer, schedule, rng, epoch + 1, history)
         _progress(out, epoch, cfg.steps_per_epoch - 1, cfg, record["loss"], history, start, first_epoch, end=True)
         if out_of_time:

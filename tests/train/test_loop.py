@@ -41,6 +41,23 @@ def fresh_model():
     return loaded.module, loaded.geometry
 
 
+def run_checkpoint(tmp_path, weights: str, name: str, tile: int) -> dict:
+    """`pipeline run` of val/images/<name> with `model: {path: weights}` alone, scored against
+    val/labels/<name>: the evaluation report."""
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "input": {"path": f"val/images/{name}"},
+        "model": {"path": weights},
+        "tiling": {"tile": tile},
+        "inference": {"torch_threads": 1, "channels_last": False},
+        "output": {"path": "out/a.zarr"},
+        "evaluation": {"ground_truth": f"val/labels/{name}"},
+        "cluster": {"n_workers": 1, "threads_per_worker": 1},
+    }))  # fmt: skip
+    ran = run_pipeline("run", str(tmp_path / "run.yaml"), cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    return json.loads((tmp_path / "out" / "a.evaluation.json").read_text())
+
+
 @pytest.mark.parametrize("mixed_precision", [False, True], ids=["float32", "bfloat16"])
 def test_a_few_steps_reduce_the_loss(tmp_path, mixed_precision) -> None:
     module, geometry = fresh_model()
@@ -109,18 +126,7 @@ def test_a_trained_checkpoint_reproduces_its_validation_figures_in_pipeline_run(
     recorded = json.loads((tmp_path / "models" / "blobs.json").read_text())
     figures = recorded["training"]["figures"]
     assert recorded["classes"][1]["name"] == "blob" and recorded["training"]["data"]["validation"] == ["a"]
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
-        "input": {"path": "val/images/a.tif"},
-        "model": {"path": "models/blobs.safetensors"},
-        "tiling": {"tile": 48},
-        "inference": {"torch_threads": 1, "channels_last": False},
-        "output": {"path": "out/a.zarr"},
-        "evaluation": {"ground_truth": "val/labels/a.tif"},
-        "cluster": {"n_workers": 1, "threads_per_worker": 1},
-    }))  # fmt: skip
-    ran = run_pipeline("run", str(tmp_path / "run.yaml"), cwd=tmp_path)
-    assert ran.returncode == 0, ran.stderr
-    report = json.loads((tmp_path / "out" / "a.evaluation.json").read_text())
+    report = run_checkpoint(tmp_path, "models/blobs.safetensors", "a.tif", tile=48)
     assert report["pooled"]["mean_iou"] == pytest.approx(figures["mean_iou"], abs=1e-9)
     assert report["pooled"]["pixel_accuracy"] == pytest.approx(figures["pixel_accuracy"], abs=1e-9)
 
@@ -166,18 +172,7 @@ def test_every_trainable_network_trains_and_its_checkpoint_runs(tmp_path, model,
     assert trained.returncode == 0, trained.stderr
     assert "val mIoU" in trained.stderr
     figures = json.loads((tmp_path / "m.json").read_text())["training"]["figures"]
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
-        "input": {"path": f"val/images/a{suffix}"},
-        "model": {"path": "m.safetensors"},
-        "tiling": {"tile": 16 if len(shape) == 3 else 48},
-        "inference": {"torch_threads": 1, "channels_last": False},
-        "output": {"path": "out/a.zarr"},
-        "evaluation": {"ground_truth": f"val/labels/a{suffix}"},
-        "cluster": {"n_workers": 1, "threads_per_worker": 1},
-    }))  # fmt: skip
-    ran = run_pipeline("run", str(tmp_path / "run.yaml"), cwd=tmp_path)
-    assert ran.returncode == 0, ran.stderr
-    report = json.loads((tmp_path / "out" / "a.evaluation.json").read_text())
+    report = run_checkpoint(tmp_path, "m.safetensors", f"a{suffix}", tile=16 if len(shape) == 3 else 48)
     assert report["pooled"]["mean_iou"] == pytest.approx(figures["mean_iou"], abs=1e-9)
 
 
