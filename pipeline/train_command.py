@@ -9,7 +9,9 @@ loads from ``model.path`` alone (:mod:`pipeline.io.checkpoints`).
 
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,7 @@ from .io.images import ImageSpec, open_image
 from .io.listing import list_images
 from .models.loading import load_model
 from .train.checkpoints import save_checkpoint
-from .train.loop import IGNORE, Sample, train
+from .train.loop import IGNORE, Sample, train, training_patch
 
 TRAINABLE = ("unet", "dilated")
 
@@ -57,6 +59,7 @@ def train_command(path: str, resume: bool = False) -> int:
         if cfg.validation else []
     )  # fmt: skip
     loaded = load_model(model_cfg, "cpu", with_digest=False)
+    training_patch(loaded.geometry, cfg.patch, samples)  # refused before the run is announced
     section = model_cfg.model_dump(mode="json", exclude={"path", "seed", "storage_options"})
     names = [c.name for c in cfg.classes] if cfg.classes else [f"class {i}" for i in range(k)]
     colours = [list(c.colour) if c.colour else None for c in cfg.classes] if cfg.classes else None
@@ -67,7 +70,10 @@ def train_command(path: str, resume: bool = False) -> int:
             "training": {
                 "pipeline_version": __version__,
                 "workflow": fs.redact(wf.source),
-                "data": {"images": sorted(s.name for s in samples), "validation": sorted(s.name for s in validation)},
+                "data": {
+                    "images": in_reading_order(s.name for s in samples),
+                    "validation": in_reading_order(s.name for s in validation),
+                },
                 "settings": cfg.model_dump(mode="json", exclude={"data", "validation", "output", "overwrite"}),
                 "figures": figures,
             },
@@ -84,6 +90,11 @@ def train_command(path: str, resume: bool = False) -> int:
     shown = f"mIoU {100 * best['mean_iou']:.1f}%" if "mean_iou" in best else f"loss {best.get('loss', float('nan')):.4f}"
     print(f"checkpoint {fs.redact(cfg.output)} (epoch {history.best_epoch}, {shown}) + {fs.redact(metadata_path(cfg.output))}")
     return 0
+
+
+def in_reading_order(names: Iterable[str]) -> list[str]:
+    """Names sorted with their numbers as numbers ("2" before "10"), as a file browser lists them."""
+    return sorted(names, key=lambda name: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
 
 
 def load_train_workflow(path: str) -> TrainWorkflow:

@@ -11,6 +11,7 @@ import tifffile
 import yaml
 
 from pipeline.cli import main
+from pipeline.train_command import in_reading_order
 
 MODEL = {"arch": "unet", "depth": 1, "width": 4, "num_classes": 2, "normalize": {"mean": 128.0, "std": 64.0}}
 
@@ -37,7 +38,7 @@ def workflow(folder: Path, model: dict | None = None, **train) -> str:
     return str(folder / "train.yaml")
 
 
-def refused(capsys, folder: Path, path: str, *expected: str) -> None:
+def refused(capsys, folder: Path, path: str, *expected: str) -> str:
     assert main(["train", path]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -45,6 +46,7 @@ def refused(capsys, folder: Path, path: str, *expected: str) -> None:
     for text in expected:
         assert text in err, err
     assert not (folder / "m.safetensors").exists() and not (folder / "m.json").exists()
+    return err
 
 
 def test_a_network_that_cannot_be_trained(folder, capsys) -> None:
@@ -92,4 +94,10 @@ def test_images_with_other_channels_than_the_model(folder, capsys) -> None:
 
 
 def test_patches_larger_than_an_image(folder, capsys) -> None:
-    refused(capsys, folder, workflow(folder, patch=64), "train.patch: 64", "'a' (40 x 48 px)", "lower train.patch")
+    err = refused(capsys, folder, workflow(folder, patch=64), "train.patch: 64", "'a' (40 x 48 px)", "lower train.patch")
+    assert "train      unet" not in err, "refused before the run is announced"
+
+
+def test_training_names_are_listed_in_reading_order() -> None:
+    names = ["10", "2", "slice_b10", "1", "slice_b2", "slice_a"]
+    assert in_reading_order(names) == ["1", "2", "10", "slice_a", "slice_b2", "slice_b10"]

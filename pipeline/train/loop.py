@@ -74,14 +74,7 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     module.to(device)
-    patch = PatchGeometry(legal_patch(geometry, cfg.patch), geometry.trim)
-    small = [s for s in samples if any(n < patch.out for n in s.labels.shape)]
-    if small:
-        raise PipelineError(
-            f"train.patch: {cfg.patch} gives {patch.read}-px patches with a {patch.out}-px output, larger than "
-            f"training image {small[0].name!r} ({' x '.join(map(str, small[0].labels.shape))} px); expected every "
-            f"training image at least {patch.out} px along each axis: lower train.patch"
-        )
+    patch = training_patch(geometry, cfg.patch, samples)
     counted = np.concatenate([s.labels[s.labels != IGNORE].ravel() for s in samples])
     class_weights = class_balance(counted, num_classes) if cfg.class_balance else np.ones(num_classes)
     if cfg.border_weight is not None:
@@ -146,6 +139,19 @@ def train(
             print(f"stopped    time limit {cfg.time_limit} reached after epoch {epoch + 1}", file=out, flush=True)
             break
     return history
+
+
+def training_patch(geometry: NetworkGeometry, edge: int, samples: list[Sample]) -> PatchGeometry:
+    """The legal patch for ``train.patch``; refused when its output exceeds a training image."""
+    patch = PatchGeometry(legal_patch(geometry, edge), geometry.trim)
+    small = [s for s in samples if any(n < patch.out for n in s.labels.shape)]
+    if small:
+        raise PipelineError(
+            f"train.patch: {edge} gives {patch.read}-px patches with a {patch.out}-px output, larger than "
+            f"training image {small[0].name!r} ({' x '.join(map(str, small[0].labels.shape))} px); expected every "
+            f"training image at least {patch.out} px along each axis: lower train.patch"
+        )
+    return patch
 
 
 def stored_weights(module: torch.nn.Module) -> torch.nn.Module:
