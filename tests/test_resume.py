@@ -25,6 +25,7 @@ import torch
 import yaml
 import zarr
 
+from pipeline.cli import main
 from tests.helpers import REPO, BoxFilterNet, box_filter_reference
 
 PIPELINE = str(Path(sys.executable).parent / "pipeline")
@@ -187,6 +188,13 @@ def test_a_deterministic_failure_keeps_finished_blocks_for_resume(tmp_path) -> N
     _resume_and_check(tmp_path, wf)
 
 
+def _refused(capsys, *args: str) -> str:
+    """A refused resume, in-process: it stops before any cluster starts, so no subprocess is needed."""
+    capsys.readouterr()
+    assert main(list(args)) == 2
+    return capsys.readouterr().err
+
+
 def _interrupted(tmp_path: Path, **changes: object) -> str:
     wf = _workflow(tmp_path, **changes)
     (tmp_path / "broken").touch()
@@ -195,7 +203,7 @@ def _interrupted(tmp_path: Path, **changes: object) -> str:
     return wf
 
 
-def test_resume_is_refused_when_a_label_deciding_field_changed(tmp_path) -> None:
+def test_resume_is_refused_when_a_label_deciding_field_changed(tmp_path, capsys) -> None:
     _interrupted(tmp_path)
     before = _labels(tmp_path).copy()
     for changes, named in (
@@ -203,12 +211,11 @@ def test_resume_is_refused_when_a_label_deciding_field_changed(tmp_path) -> None
         ({"inference__precision": "bf16"}, "workflow.inference.precision changed (fp32 -> bf16)"),
         ({"tiling__tile": 16}, "plan.block_shape changed"),
     ):
-        proc = _run("run", _workflow(tmp_path, **changes), "--resume")
-        assert proc.returncode == 2, proc.stderr
-        assert f"cannot resume {tmp_path / 'out' / 'labels.zarr'}: since the interrupted run started, " in proc.stderr
-        assert named in proc.stderr and "set output.overwrite: true to start over" in proc.stderr
-    proc = _run("run", _workflow(tmp_path, tiling__mirror="symmetric", output__overwrite=True), "--resume")
-    assert proc.returncode == 2 and "run without --resume to start over" in proc.stderr, proc.stderr
+        err = _refused(capsys, "run", _workflow(tmp_path, **changes), "--resume")
+        assert f"cannot resume {tmp_path / 'out' / 'labels.zarr'}: since the interrupted run started, " in err
+        assert named in err and "set output.overwrite: true to start over" in err
+    err = _refused(capsys, "run", _workflow(tmp_path, tiling__mirror="symmetric", output__overwrite=True), "--resume")
+    assert "run without --resume to start over" in err, err
     np.testing.assert_array_equal(_labels(tmp_path), before)  # nothing was written
     # what only decides where and how fast it runs does not block a resume
     proc = _run("run", _workflow(tmp_path, cluster__n_workers=1, cluster__retries=0), "--resume")
@@ -216,7 +223,7 @@ def test_resume_is_refused_when_a_label_deciding_field_changed(tmp_path) -> None
     np.testing.assert_array_equal(_labels(tmp_path), _reference())
 
 
-def test_resume_is_refused_when_the_weights_or_the_input_changed(tmp_path) -> None:
+def test_resume_is_refused_when_the_weights_or_the_input_changed(tmp_path, capsys) -> None:
     torch.jit.save(torch.jit.script(BoxFilterNet(2, np.array(WEIGHT))), tmp_path / "box.pt")
     tifffile.imwrite(tmp_path / "img.tif", _image(), tile=(32, 32))
     doc = {
@@ -235,14 +242,14 @@ def test_resume_is_refused_when_the_weights_or_the_input_changed(tmp_path) -> No
     if _ledger(tmp_path) == BLOCKS:
         pytest.skip("the run finished before it could be interrupted")
     torch.jit.save(torch.jit.script(BoxFilterNet(2, np.array([[2], [-1]]))), tmp_path / "box.pt")
-    refused = _run("run", str(wf), "--resume")
-    assert refused.returncode == 2 and "model_weights changed" in refused.stderr, refused.stderr
+    err = _refused(capsys, "run", str(wf), "--resume")
+    assert "model_weights changed" in err, err
     torch.jit.save(torch.jit.script(BoxFilterNet(2, np.array(WEIGHT))), tmp_path / "box.pt")
     image = _image()
     image[0, 0] = 0 if image[0, 0] else 1
     tifffile.imwrite(tmp_path / "img.tif", image, tile=(32, 32))
-    refused = _run("run", str(wf), "--resume")
-    assert refused.returncode == 2 and "input changed" in refused.stderr, refused.stderr
+    err = _refused(capsys, "run", str(wf), "--resume")
+    assert "input changed" in err, err
 
 
 def test_resume_starts_afresh_without_a_volume_and_does_nothing_on_a_complete_one(tmp_path) -> None:
