@@ -142,7 +142,8 @@ def test_a_trained_checkpoint_reproduces_its_validation_figures_in_pipeline_run(
         pytest.param(
             {"arch": "dilated", "front_width": 4, "front_depth": 1, "num_classes": 2,
              "normalize": {"mean": 128.0, "std": 64.0}},
-            {"loss": "dice", "class_balance": False}, (72, 80), ".zarr", id="dilated-dice-zarr",
+            {"loss": "dice", "class_balance": False, "mixed_precision": True}, (72, 80), ".zarr",
+            id="dilated-dice-bfloat16-zarr",
         ),
     ],
 )  # fmt: skip
