@@ -189,7 +189,7 @@ def test_a_deterministic_failure_keeps_finished_blocks_for_resume(tmp_path) -> N
 
 
 def _refused(capsys, *args: str) -> str:
-    """A refused resume, in-process: it stops before any cluster starts, so no subprocess is needed."""
+    """A refused resume, run in-process: it stops before any block is computed (one interpreter fewer)."""
     capsys.readouterr()
     assert main(list(args)) == 2
     return capsys.readouterr().err
