@@ -132,7 +132,7 @@ def train(
         score = record.get("mean_iou", -float(record["loss"]))
         if (validated or not validation) and score > history.best:
             history.best, history.best_epoch = score, epoch + 1
-            save((kept or stored_weights(module)).to("cpu"), {"best_epoch": epoch + 1, **record})
+            save((stored_weights(module) if kept is None else kept).to("cpu"), {"best_epoch": epoch + 1, **record})
         _save_state(state_path, module, optimizer, schedule, rng, epoch + 1, history)
         _progress(out, epoch, cfg.steps_per_epoch - 1, cfg, record["loss"], history, start, first_epoch, end=True)
         if out_of_time:
