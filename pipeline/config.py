@@ -760,6 +760,10 @@ class TrainConfig(Section):
     border_weight: BorderWeightConfig | None = Field(default=None, description="the U-Net paper's separation weights")
     augment: AugmentConfig = AugmentConfig()
     seed: int = Field(default=0, ge=0)
+    average: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="decay of an exponential moving average of the weights, validated and saved instead of the last step's; null: none",
+    )
     mixed_precision: bool = Field(
         default=False, description="bfloat16 autocast for the forward pass (CPUs with AVX512-BF16 or AMX, GPUs)"
     )

@@ -5,7 +5,8 @@ Every random draw comes from one NumPy generator and torch's generator, both see
 continues exactly as the uninterrupted run would have. Validation predicts each held-out
 image whole, tiled exactly as ``pipeline run`` tiles it (:func:`inference.predict_image`),
 and scores it with the evaluation's confusion matrices; the best epoch's weights are the
-checkpoint.
+checkpoint. With ``train.average`` those weights are an exponential moving average of every
+step's (torch's ``AveragedModel``, batch-norm statistics included), saved with the state.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 from scipy import ndimage
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..config import NormalizeConfig, TrainConfig
 from ..errors import PipelineError
@@ -93,9 +95,14 @@ def train(
     )
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
+    averaged = (
+        AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(cfg.average), use_buffers=True)
+        if cfg.average is not None
+        else None
+    )
     history, first_epoch = History(), 0
     if resume and fs.is_file(state_path):
-        first_epoch, history = _restore(state_path, module, optimizer, schedule, rng)
+        first_epoch, history = _restore(state_path, module, optimizer, schedule, rng, averaged)
         print(f"resume     from epoch {first_epoch} of {cfg.epochs} ({fs.redact(state_path)})", file=out, flush=True)
     areas = np.array([s.labels.size for s in samples], np.float64)
     start, limit = time.perf_counter(), _seconds(cfg.time_limit)
@@ -114,6 +121,8 @@ def train(
             value.backward()
             optimizer.step()
             schedule.step()
+            if averaged is not None:
+                averaged.update_parameters(module)
             losses.append(float(value.detach()))
             if step % 10 == 9 or step == cfg.steps_per_epoch - 1:
                 _progress(out, epoch, step, cfg, float(np.mean(losses)), history, start, first_epoch)
@@ -122,9 +131,10 @@ def train(
         validated = bool(validation) and (
             (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs or out_of_time
         )
+        scored = module if averaged is None else averaged.module
         kept = None
         if validated:
-            kept = stored_weights(module)  # what a checkpoint holds (float16) is what is scored
+            kept = stored_weights(scored)  # what a checkpoint holds (float16) is what is scored
             began = time.perf_counter()
             record.update(validate(kept, geometry, num_classes, normalize, validation, device))
             record["validation_seconds"] = round(time.perf_counter() - began, 1)
@@ -132,8 +142,8 @@ def train(
         score = record.get("mean_iou", -float(record["loss"]))
         if (validated or not validation) and score > history.best:
             history.best, history.best_epoch = score, epoch + 1
-            save((stored_weights(module) if kept is None else kept).to("cpu"), {"best_epoch": epoch + 1, **record})
-        _save_state(state_path, module, optimizer, schedule, rng, epoch + 1, history)
+            save((stored_weights(scored) if kept is None else kept).to("cpu"), {"best_epoch": epoch + 1, **record})
+        _save_state(state_path, module, optimizer, schedule, rng, epoch + 1, history, averaged)
         _progress(out, epoch, cfg.steps_per_epoch - 1, cfg, record["loss"], history, start, first_epoch, end=True)
         if out_of_time:
             print(f"stopped    time limit {cfg.time_limit} reached after epoch {epoch + 1}", file=out, flush=True)
@@ -244,7 +254,7 @@ def _progress(
 
 def _save_state(
     path: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, rng: np.random.Generator,
-    epoch: int, history: History,
+    epoch: int, history: History, averaged: AveragedModel | None = None,
 ) -> None:  # fmt: skip
     """Everything a resumed run needs to continue as this one would have (plain tensors and
     numbers: loaded with ``weights_only``, no code runs)."""
@@ -257,16 +267,21 @@ def _save_state(
         "epoch": epoch,
         "history": json.dumps({"epochs": history.epochs, "best": history.best, "best_epoch": history.best_epoch}),
     }
+    if averaged is not None:
+        state["averaged"] = averaged.state_dict()
     buffer = io.BytesIO()
     torch.save(state, buffer)
     fs.put_bytes(path, buffer.getvalue())
 
 
 def _restore(
-    path: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, rng: np.random.Generator
-) -> tuple[int, History]:
+    path: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any, rng: np.random.Generator,
+    averaged: AveragedModel | None = None,
+) -> tuple[int, History]:  # fmt: skip
     state = torch.load(io.BytesIO(fs.read_bytes(path)), map_location="cpu", weights_only=True)
     module.load_state_dict(state["model"])
+    if averaged is not None and "averaged" in state:  # else averaging starts from the restored weights
+        averaged.load_state_dict(state["averaged"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["torch_rng"])

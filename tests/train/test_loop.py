@@ -3,6 +3,7 @@ checkpoint from `pipeline train` reproduces its recorded validation figures in `
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -58,10 +59,12 @@ def run_checkpoint(tmp_path, weights: str, name: str, tile: int) -> dict:
     return json.loads((tmp_path / "out" / "a.evaluation.json").read_text())
 
 
-@pytest.mark.parametrize("mixed_precision", [False, True], ids=["float32", "bfloat16"])
-def test_a_few_steps_reduce_the_loss(tmp_path, mixed_precision) -> None:
+@pytest.mark.parametrize(
+    "changes", [{}, {"mixed_precision": True}, {"average": 0.9}], ids=["float32", "bfloat16", "averaged"]
+)
+def test_a_few_steps_reduce_the_loss(tmp_path, changes) -> None:
     module, geometry = fresh_model()
-    cfg = config(tmp_path, mixed_precision=mixed_precision)
+    cfg = config(tmp_path, **changes)
     saved = []
     history = train(module, geometry, 2, UNetConfig.model_validate(MODEL).normalize, cfg, [blobs(1), blobs(2)], [blobs(3)],
                     lambda m, f: saved.append(f), str(tmp_path / "state.pt"))  # fmt: skip
@@ -80,15 +83,16 @@ def test_validation_every_nth_epoch_and_after_the_last(tmp_path) -> None:
     assert history.best_epoch in (2, 4, 5) and all(f["best_epoch"] in (2, 4, 5) for f in saved)
 
 
-def test_resuming_continues_exactly_as_the_uninterrupted_run(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("average", [None, 0.9], ids=["last-weights", "averaged-weights"])
+def test_resuming_continues_exactly_as_the_uninterrupted_run(tmp_path, monkeypatch, average) -> None:
     normalize = UNetConfig.model_validate(MODEL).normalize
-    cfg = config(tmp_path, epochs=2, steps_per_epoch=4)
+    cfg = config(tmp_path, epochs=2, steps_per_epoch=4, average=average)
     samples = [blobs(4), blobs(5)]
     kept = tmp_path / "after-epoch-1.pt"
     original = loop._save_state
 
-    def keep_first(path, module, optimizer, schedule, rng, epoch, history):
-        original(path, module, optimizer, schedule, rng, epoch, history)
+    def keep_first(path, module, optimizer, schedule, rng, epoch, history, averaged=None):
+        original(path, module, optimizer, schedule, rng, epoch, history, averaged)
         if epoch == 1:
             shutil.copy(path, kept)
 
@@ -101,6 +105,41 @@ def test_resuming_continues_exactly_as_the_uninterrupted_run(tmp_path, monkeypat
     assert [e["epoch"] for e in history.epochs] == [1, 2]
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+    ends = [torch.load(tmp_path / p, weights_only=True) for p in ("a.pt", "after-epoch-1.pt")]
+    assert ("averaged" in ends[0]) == (average is not None)
+    if average is not None:
+        for (name, a), (_, b) in zip(ends[0]["averaged"].items(), ends[1]["averaged"].items()):
+            assert torch.equal(a, b), name
+
+
+def test_the_averaged_weights_are_the_exponential_moving_average_of_every_step(tmp_path) -> None:
+    """The checkpoint of a run with ``average: d`` holds w_1 after the first step, then
+    d * previous + (1 - d) * w_k after step k (float16, as checkpoints store weights),
+    computed here from snapshots of the weights after every optimiser step."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    module, geometry = fresh_model()
+    d = 0.7
+    cfg = config(tmp_path, epochs=1, steps_per_epoch=5, average=d)
+    snapshots = []
+    hook = register_optimizer_step_post_hook(lambda *_: snapshots.append(copy.deepcopy(module.state_dict())))
+    saved = []
+    try:
+        train(module, geometry, 2, UNetConfig.model_validate(MODEL).normalize, cfg, [blobs(6)], [],
+              lambda m, f: saved.append(m), str(tmp_path / "state.pt"))  # fmt: skip
+    finally:
+        hook.remove()
+    assert len(snapshots) == 5 and len(saved) == 1
+    checkpoint = saved[0].state_dict()
+    for name, value in checkpoint.items():
+        if not value.is_floating_point():
+            continue
+        expected = snapshots[0][name].double()
+        for later in snapshots[1:]:
+            expected = d * expected + (1 - d) * later[name].double()
+        assert torch.allclose(value.double(), expected.half().double(), rtol=2e-3, atol=1e-6), name
+    last = snapshots[-1]
+    assert any(not torch.equal(checkpoint[n], last[n].half().float()) for n in checkpoint if last[n].is_floating_point())
 
 
 def test_a_trained_checkpoint_reproduces_its_validation_figures_in_pipeline_run(tmp_path) -> None:
@@ -136,8 +175,8 @@ def test_a_trained_checkpoint_reproduces_its_validation_figures_in_pipeline_run(
     [
         pytest.param(
             {**MODEL, "dims": 3}, {"optimizer": "sgd", "momentum": 0.9, "schedule": "constant", "patch": 8,
-                                    "border_weight": {"classes": [1], "w0": 10, "sigma": 2}},
-            (10, 40, 44), ".tif", id="3d-unet-sgd-border-weights-tiff",
+                                    "border_weight": {"classes": [1], "w0": 10, "sigma": 2}, "average": 0.9},
+            (10, 40, 44), ".tif", id="3d-unet-sgd-border-weights-averaged-tiff",
         ),
         pytest.param(
             {"arch": "dilated", "front_width": 4, "front_depth": 1, "num_classes": 2,
