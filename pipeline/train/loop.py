@@ -100,6 +100,7 @@ def train(
         if cfg.average is not None
         else None
     )
+    scored = module if averaged is None else averaged.module  # what is validated and saved
     history, first_epoch = History(), 0
     if resume and fs.is_file(state_path):
         first_epoch, history = _restore(state_path, module, optimizer, schedule, rng, averaged)
@@ -131,7 +132,6 @@ def train(
         validated = bool(validation) and (
             (epoch + 1) % cfg.validate_every == 0 or epoch + 1 == cfg.epochs or out_of_time
         )
-        scored = module if averaged is None else averaged.module
         kept = None
         if validated:
             kept = stored_weights(scored)  # what a checkpoint holds (float16) is what is scored

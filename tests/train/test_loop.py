@@ -112,6 +112,22 @@ def test_resuming_continues_exactly_as_the_uninterrupted_run(tmp_path, monkeypat
             assert torch.equal(a, b), name
 
 
+def test_averaging_switched_on_at_a_resume_starts_from_the_restored_weights(tmp_path) -> None:
+    """A state saved without ``average`` holds no average: the resumed run's average begins
+    with its first step's weights, as a fresh run's does."""
+    normalize = UNetConfig.model_validate(MODEL).normalize
+    module, geometry = fresh_model()
+    state = str(tmp_path / "state.pt")
+    train(module, geometry, 2, normalize, config(tmp_path, epochs=1, steps_per_epoch=2), [blobs(4)], [],
+          lambda m, f: None, state)  # fmt: skip
+    resumed, _ = fresh_model()
+    history = train(resumed, geometry, 2, normalize, config(tmp_path, epochs=2, steps_per_epoch=2, average=0.9),
+                    [blobs(4)], [], lambda m, f: None, state, resume=True)  # fmt: skip
+    assert [e["epoch"] for e in history.epochs] == [1, 2]
+    averaged = torch.load(state, weights_only=True)["averaged"]
+    assert int(averaged["n_averaged"]) == 2
+
+
 def test_the_averaged_weights_are_the_exponential_moving_average_of_every_step(tmp_path) -> None:
     """The checkpoint of a run with ``average: d`` holds w_1 after the first step, then
     d * previous + (1 - d) * w_k after step k (float16, as checkpoints store weights),
