@@ -19,7 +19,15 @@ import torch
 import yaml
 
 from . import __version__
-from .config import DilatedConfig, TrainData, TrainWorkflow, UNetConfig, format_error, resolve_path
+from .config import (
+    DilatedConfig,
+    NormalizeConfig,
+    TrainData,
+    TrainWorkflow,
+    UNetConfig,
+    format_error,
+    resolve_path,
+)
 from .encodings import EncodingError, LabelEncoding, decode
 from .errors import OutputExistsError, PipelineError, WorkflowError
 from .io import fs
@@ -27,6 +35,7 @@ from .io.checkpoints import metadata_path
 from .io.images import ImageSpec, open_image
 from .io.listing import list_images
 from .models.loading import load_model
+from .normalization import resolve_normalization
 from .train.checkpoints import save_checkpoint
 from .train.loop import IGNORE, Sample, train, training_patch
 
@@ -38,8 +47,6 @@ def train_command(path: str, resume: bool = False) -> int:
     cfg, model_cfg = wf.train, wf.model
     if not isinstance(model_cfg, (UNetConfig, DilatedConfig)):
         raise PipelineError(f"model.arch: {model_cfg.arch} cannot be trained here; expected one of {', '.join(TRAINABLE)}")
-    if model_cfg.normalize.percentiles is not None:
-        raise PipelineError("model.normalize: percentiles depend on each image; train with mean/std or zscore")
     state_path = fs.sibling(cfg.output, f"{fs.stem(cfg.output)}.last.pt")
     if fs.exists(cfg.output) and not (cfg.overwrite or resume):
         raise OutputExistsError(
@@ -53,9 +60,10 @@ def train_command(path: str, resume: bool = False) -> int:
     )
     k = model_cfg.num_classes
     stacks = isinstance(model_cfg, UNetConfig) and model_cfg.dims == 3  # a 3D U-Net trains on (z, y, x) stacks
-    samples = load_pairs(cfg.data, "train.data", encoding, cfg.ignore_index, k, model_cfg.in_channels, stacks)
+    normalize = model_cfg.normalize
+    samples = load_pairs(cfg.data, "train.data", encoding, cfg.ignore_index, k, model_cfg.in_channels, stacks, normalize)
     validation = (
-        load_pairs(cfg.validation, "train.validation", encoding, cfg.ignore_index, k, model_cfg.in_channels, stacks)
+        load_pairs(cfg.validation, "train.validation", encoding, cfg.ignore_index, k, model_cfg.in_channels, stacks, normalize)
         if cfg.validation else []
     )  # fmt: skip
     loaded = load_model(model_cfg, "cpu", with_digest=False)
@@ -133,9 +141,14 @@ def load_train_workflow(path: str) -> TrainWorkflow:
 
 def load_pairs(
     data: TrainData, field: str, encoding: LabelEncoding, ignore_index: int | None, num_classes: int, channels: int,
-    stacks: bool = False,
+    stacks: bool = False, normalize: NormalizeConfig | None = None,
 ) -> list[Sample]:  # fmt: skip
-    """Every image/label pair named alike, in memory; labels as class ids with IGNORE."""
+    """Every image/label pair named alike, in memory; labels as class ids with IGNORE.
+
+    A ``zscore`` or ``percentiles`` normalisation is resolved per image over the whole image,
+    by the code a run uses (:func:`normalization.resolve_normalization`): training sees each
+    image as a run will.
+    """
     images = list_images(data.images, f"{field}.images")
     labels = list_images(data.labels, f"{field}.labels")
     if len(images) == len(labels) == 1:  # one pair: whatever their names
@@ -145,7 +158,8 @@ def load_pairs(
         raise PipelineError(f"{field}.labels: no label image for {', '.join(map(repr, missing[:5]))} (named as the images)")
     samples = []
     for name, path in sorted(images.items()):
-        reader = open_image(ImageSpec(path, data.channel_axis, f"{field}.images", volume=stacks))
+        spec = ImageSpec(path, data.channel_axis, f"{field}.images", volume=stacks)
+        reader = open_image(spec)
         if reader.channels != channels:
             raise PipelineError(f"{field}.images: {fs.redact(path)} has {reader.channels} channel(s); model.in_channels is {channels}")
         image = reader.read(tuple(slice(0, n) for n in reader.shape)).astype(np.float32)
@@ -171,5 +185,6 @@ def load_pairs(
                 f"{field}.labels: {fs.redact(labels[name])} holds class ids {', '.join(map(str, bad[:5]))}; "
                 f"expected 0..{num_classes - 1} (model.num_classes)"
             )
-        samples.append(Sample(name, image, np.where(skip, IGNORE, ids)))
+        own = None if normalize is None or normalize.fixed else resolve_normalization(normalize, spec)
+        samples.append(Sample(name, image, np.where(skip, IGNORE, ids), normalize=own))
     return samples

@@ -55,9 +55,10 @@ def test_a_network_that_cannot_be_trained(folder, capsys) -> None:
     refused(capsys, folder, path, "model.arch: torchscript cannot be trained", "unet, dilated")
 
 
-def test_per_image_normalisation_is_refused(folder, capsys) -> None:
-    path = workflow(folder, {**MODEL, "normalize": {"percentiles": [1, 99]}})
-    refused(capsys, folder, path, "model.normalize: percentiles depend on each image")
+def test_a_constant_image_cannot_be_zscored(folder, capsys) -> None:
+    tifffile.imwrite(folder / "images" / "b.tif", np.full((40, 48), 7, np.uint8))
+    path = workflow(folder, {**MODEL, "normalize": {"zscore": True}})
+    refused(capsys, folder, path, "model.normalize.zscore: channel 0 of", "b.tif", "is constant")
 
 
 def test_an_existing_checkpoint_is_kept_unless_asked(folder, capsys) -> None:

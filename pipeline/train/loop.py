@@ -43,12 +43,14 @@ IGNORE = -100  # the loss's ignore value for pixels not counted
 
 @dataclass
 class Sample:
-    """One image in memory: ``image`` (C, *shape) float32 raw, ``labels`` int64 with IGNORE."""
+    """One image in memory: ``image`` (C, *shape) float32 raw, ``labels`` int64 with IGNORE;
+    ``normalize``: the image's own (zscore or percentiles resolved) normalisation, None: the model's."""
 
     name: str
     image: np.ndarray
     labels: np.ndarray
     separation: np.ndarray | None = None
+    normalize: NormalizeConfig | None = None
 
 
 @dataclass
@@ -189,7 +191,7 @@ def validate(
     with torch.no_grad():
         for s in samples:
             plan = plan_tiles(s.labels.shape, geometry, tile=_tile(geometry, s.labels.shape), mirror="reflect")
-            pred = predict_image(s.image, module.to(device), plan, normalize)
+            pred = predict_image(s.image, module.to(device), plan, s.normalize or normalize)
             cm += confusion_matrix(s.labels, pred, num_classes, ignore_index=IGNORE)
     scores = scores_from_confusion(cm)
     return {
@@ -210,7 +212,7 @@ def _sample(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     s = samples[int(rng.choice(len(samples), p=areas / areas.sum()))]
     out_box, read_box = random_patch(s.labels.shape, patch, rng)
-    image = normalise(read_patch(s.image, read_box), normalize).astype(np.float32)
+    image = normalise(read_patch(s.image, read_box), s.normalize or normalize).astype(np.float32)
     labels = read_patch(s.labels, read_box)
     weights = np.where(labels == IGNORE, 0.0, class_weights[np.clip(labels, 0, None)])
     if s.separation is not None:

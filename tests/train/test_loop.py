@@ -190,15 +190,14 @@ def test_a_trained_checkpoint_reproduces_its_validation_figures_in_pipeline_run(
     "model, train_changes, shape, suffix",
     [
         pytest.param(
-            {**MODEL, "dims": 3}, {"optimizer": "sgd", "momentum": 0.9, "schedule": "constant", "patch": 8,
+            {**MODEL, "dims": 3, "normalize": {"percentiles": [1, 99]}}, {"optimizer": "sgd", "momentum": 0.9, "schedule": "constant", "patch": 8,
                                     "border_weight": {"classes": [1], "w0": 10, "sigma": 2}, "average": 0.9},
-            (10, 40, 44), ".tif", id="3d-unet-sgd-border-weights-averaged-tiff",
+            (10, 40, 44), ".tif", id="3d-unet-percentiles-sgd-border-weights-averaged-tiff",
         ),
         pytest.param(
-            {"arch": "dilated", "front_width": 4, "front_depth": 1, "num_classes": 2,
-             "normalize": {"mean": 128.0, "std": 64.0}},
+            {"arch": "dilated", "front_width": 4, "front_depth": 1, "num_classes": 2, "normalize": {"zscore": True}},
             {"loss": "dice", "class_balance": False, "mixed_precision": True}, (72, 80), ".zarr",
-            id="dilated-dice-bfloat16-zarr",
+            id="dilated-dice-bfloat16-zscore-zarr",
         ),
     ],
 )  # fmt: skip
