@@ -60,10 +60,10 @@ def train_command(path: str, resume: bool = False) -> int:
     )
     k = model_cfg.num_classes
     stacks = isinstance(model_cfg, UNetConfig) and model_cfg.dims == 3  # a 3D U-Net trains on (z, y, x) stacks
-    normalize = model_cfg.normalize
-    samples = load_pairs(cfg.data, "train.data", encoding, cfg.ignore_index, k, model_cfg.in_channels, stacks, normalize)
+    pairs = (encoding, cfg.ignore_index, k, model_cfg.in_channels, stacks, model_cfg.normalize)
+    samples = load_pairs(cfg.data, "train.data", *pairs)
     validation = (
-        load_pairs(cfg.validation, "train.validation", encoding, cfg.ignore_index, k, model_cfg.in_channels, stacks, normalize)
+        load_pairs(cfg.validation, "train.validation", *pairs)
         if cfg.validation else []
     )  # fmt: skip
     loaded = load_model(model_cfg, "cpu", with_digest=False)
@@ -141,13 +141,14 @@ def load_train_workflow(path: str) -> TrainWorkflow:
 
 def load_pairs(
     data: TrainData, field: str, encoding: LabelEncoding, ignore_index: int | None, num_classes: int, channels: int,
-    stacks: bool = False, normalize: NormalizeConfig | None = None,
+    stacks: bool, normalize: NormalizeConfig,
 ) -> list[Sample]:  # fmt: skip
     """Every image/label pair named alike, in memory; labels as class ids with IGNORE.
 
     A ``zscore`` or ``percentiles`` normalisation is resolved per image over the whole image,
-    by the code a run uses (:func:`normalization.resolve_normalization`): training sees each
-    image as a run will.
+    by the code a run uses (:func:`normalization.resolve_normalization`, which reads the file
+    once more: its chunked sums, not NumPy's, give the run's statistics to the last bit), so
+    training sees each image as a run will.
     """
     images = list_images(data.images, f"{field}.images")
     labels = list_images(data.labels, f"{field}.labels")
@@ -185,6 +186,6 @@ def load_pairs(
                 f"{field}.labels: {fs.redact(labels[name])} holds class ids {', '.join(map(str, bad[:5]))}; "
                 f"expected 0..{num_classes - 1} (model.num_classes)"
             )
-        own = None if normalize is None or normalize.fixed else resolve_normalization(normalize, spec)
+        own = None if normalize.fixed else resolve_normalization(normalize, spec)
         samples.append(Sample(name, image, np.where(skip, IGNORE, ids), normalize=own))
     return samples

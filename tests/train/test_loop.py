@@ -190,8 +190,9 @@ def test_a_trained_checkpoint_reproduces_its_validation_figures_in_pipeline_run(
     "model, train_changes, shape, suffix",
     [
         pytest.param(
-            {**MODEL, "dims": 3, "normalize": {"percentiles": [1, 99]}}, {"optimizer": "sgd", "momentum": 0.9, "schedule": "constant", "patch": 8,
-                                    "border_weight": {"classes": [1], "w0": 10, "sigma": 2}, "average": 0.9},
+            {**MODEL, "dims": 3, "normalize": {"percentiles": [1, 99]}},
+            {"optimizer": "sgd", "momentum": 0.9, "schedule": "constant", "patch": 8,
+             "border_weight": {"classes": [1], "w0": 10, "sigma": 2}, "average": 0.9},
             (10, 40, 44), ".tif", id="3d-unet-percentiles-sgd-border-weights-averaged-tiff",
         ),
         pytest.param(
